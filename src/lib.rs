@@ -1,0 +1,218 @@
+//! conveyor: a message-queue consumer daemon. Orders come off a broker under
+//! a prefetch limit, go through bounded stages (decode, validate, charge),
+//! are stored in batched transactions, and are acknowledged only after the
+//! commit. See `DESIGN` in the README for the semantics.
+//!
+//! [`run`] is the whole daemon; it takes its shutdown as a future so tests
+//! drive it without signals.
+
+pub mod ack;
+pub mod config;
+pub mod demo;
+pub mod downstream;
+pub mod notify;
+pub mod order;
+pub mod pipeline;
+pub mod produce;
+pub mod shutdown;
+pub mod sim;
+pub mod source;
+pub mod store;
+pub mod telemetry;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, SourceKind};
+use crate::downstream::{PaymentClient, RuleEngineClient};
+use crate::source::kafka::KafkaSource;
+use crate::source::rabbitmq::RabbitSource;
+use crate::store::Store;
+use crate::telemetry::{Health, Metrics};
+
+/// What a run did, from its own counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub received: u64,
+    pub acked: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub declined: u64,
+    pub dead_lettered: u64,
+    /// Redeliveries of orders already stored, acknowledged without work.
+    pub duplicates: u64,
+    /// False when the drain deadline passed with work unfinished (it is left
+    /// unacknowledged and will be redelivered).
+    pub drained: bool,
+    pub elapsed: Duration,
+}
+
+/// Hooks into a run's life, for supervisors and tests.
+#[derive(Default)]
+pub struct Hooks {
+    /// Called once the broker and database are connected and intake starts.
+    pub on_ready: Option<Box<dyn FnOnce(SocketAddr) + Send>>,
+    /// Use this registry instead of a fresh one (to read it from outside).
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+/// Runs the daemon until `shutdown` resolves (then drains) or a fatal error.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<Report> {
+    run_with(config, shutdown, Hooks::default()).await
+}
+
+pub async fn run_with(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    hooks: Hooks,
+) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let metrics = match hooks.metrics {
+        Some(m) => m,
+        None => Arc::new(Metrics::new().context("registering metrics")?),
+    };
+    let health = Arc::new(Health::default());
+
+    let store = Store::connect(&config.database).await?;
+    if config.database.migrate_on_start {
+        store.migrate().await?;
+    }
+    store
+        .ping()
+        .await
+        .with_context(|| format!("database at {}", config::redact_url(&config.database.url)))?;
+    Health::set(&health.database_ok, true);
+
+    let http_stop = CancellationToken::new();
+    let (http_addr, http_task) = telemetry::serve(
+        config.http.listen,
+        metrics.clone(),
+        health.clone(),
+        http_stop.clone(),
+    )
+    .await
+    .with_context(|| format!("http.listen: cannot bind {}", config.http.listen))?;
+    tracing::info!(addr = %http_addr, "serving /metrics /healthz /readyz");
+
+    let prefetch = config.source.prefetch as usize;
+    let permits = Arc::new(Semaphore::new(prefetch));
+    let (deliveries_tx, deliveries_rx) = mpsc::channel(config.pipeline.channel_capacity);
+    // Unbounded on purpose: every settlement carries a prefetch permit, so
+    // at most `prefetch` can be queued, and the pipeline must never block
+    // on reporting a fate.
+    let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+    let ctx = Arc::new(pipeline::Context {
+        rules: RuleEngineClient::new(&config.rule_engine, metrics.clone())
+            .context("rule_engine: building the HTTP client")?,
+        payments: PaymentClient::new(&config.payment, metrics.clone())
+            .context("payment: building the HTTP client")?,
+        store: store.clone(),
+        settle: settle_tx,
+        metrics: metrics.clone(),
+        health: health.clone(),
+        config: config.clone(),
+    });
+    let stop_intake = CancellationToken::new();
+    let stop = stop_intake.clone();
+    let mut source_task: tokio::task::JoinHandle<anyhow::Result<()>> = match config.source.kind {
+        SourceKind::Rabbitmq => {
+            let source = RabbitSource::connect(
+                &config.rabbitmq,
+                config.source.prefetch,
+                metrics.clone(),
+                health.clone(),
+            )
+            .await?;
+            tokio::spawn(
+                async move { Ok(source.run(permits, deliveries_tx, settle_rx, stop).await?) },
+            )
+        }
+        SourceKind::Kafka => {
+            let source = KafkaSource::connect(
+                &config.kafka,
+                config.source.prefetch,
+                metrics.clone(),
+                health.clone(),
+            )?;
+            tokio::spawn(
+                async move { Ok(source.run(permits, deliveries_tx, settle_rx, stop).await?) },
+            )
+        }
+    };
+    let pipeline_task = tokio::spawn(pipeline::run(ctx, deliveries_rx));
+    if let Some(on_ready) = hooks.on_ready {
+        on_ready(http_addr);
+    }
+    notify::ready();
+    let watchdog = notify::spawn_watchdog(http_stop.clone());
+
+    let early = tokio::select! {
+        _ = shutdown => None,
+        res = &mut source_task => Some(res),
+    };
+    Health::set(&health.draining, true);
+    notify::stopping();
+    stop_intake.cancel();
+    let outcome = match early {
+        Some(res) => Some(res),
+        None => {
+            tracing::info!(deadline = ?config.shutdown.drain_timeout, "draining");
+            tokio::time::timeout(config.shutdown.drain_timeout, &mut source_task)
+                .await
+                .ok()
+        }
+    };
+    let drained = match outcome {
+        Some(Ok(Ok(()))) => {
+            let _ = pipeline_task.await;
+            true
+        }
+        Some(Ok(Err(e))) => {
+            http_stop.cancel();
+            return Err(e.context("the broker source failed"));
+        }
+        Some(Err(join)) => {
+            http_stop.cancel();
+            return Err(anyhow::anyhow!("the broker source panicked: {join}"));
+        }
+        None => {
+            // Logged as a shutdown cancellation, not as a timeout: nothing
+            // failed, the work is handed back to the broker.
+            tracing::warn!(
+                cause = "shutdown",
+                unacked = metrics.unacked.get(),
+                "drain deadline passed; cancelling unfinished orders, which stay unacknowledged and will be redelivered"
+            );
+            source_task.abort();
+            pipeline_task.abort();
+            false
+        }
+    };
+    store.close().await;
+    http_stop.cancel();
+    let _ = http_task.await;
+    if let Some(w) = watchdog {
+        let _ = w.await;
+    }
+
+    let outcome = |label: &str| metrics.orders.with_label_values(&[label]).get();
+    let report = Report {
+        received: metrics.received.get(),
+        acked: metrics.acked.get(),
+        accepted: outcome("accepted"),
+        rejected: outcome("rejected"),
+        declined: outcome("declined"),
+        dead_lettered: outcome("dead_lettered"),
+        duplicates: outcome("duplicate"),
+        drained,
+        elapsed: started.elapsed(),
+    };
+    tracing::info!(?report, "stopped");
+    Ok(report)
+}

@@ -1,0 +1,376 @@
+//! The stages between a delivery and its settlement:
+//!
+//! ```text
+//! deliveries ─▶ decode ─▶ validate (pool) ─▶ charge (pool) ─▶ batcher ─▶ writers (pool) ─▶ settlements
+//! ```
+//!
+//! Each stage has its own concurrency limit and the stages are joined by
+//! small bounded channels, so a slow stage fills its input, then the one
+//! before it, until the prefetch permits run out and the source stops.
+//!
+//! A downstream outage uses the same chain. While the circuit breaker of a
+//! stage's downstream is open, the stage takes no new order, and the orders
+//! it holds wait for the circuit instead of spending their retry budget
+//! (see `downstream::retry` for the exact rule). Its input fills, the stages
+//! before it stop, the permits run out and intake pauses, holding at most
+//! `source.prefetch` messages, none of them dead-lettered, until a half-open
+//! probe succeeds and the circuit closes. A circuit that has not closed for
+//! `breaker.not_ready_after` also makes `/readyz` false.
+//!
+//! Shutdown needs no signal here: when the source drops its sender, each
+//! stage finishes what it holds and drops its own output, and the close
+//! travels down to the writers; the last settlement sender goes with them.
+
+mod batch;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::downstream::{
+    ChargeStatus, CircuitBreaker, PaymentClient, RetryError, RuleEngineClient,
+};
+use crate::order::{self, Order};
+use crate::source::{AckToken, DeadLetter, Delivery, Position, Settlement};
+use crate::store::{Record, Status, Store};
+use crate::telemetry::{Health, Metrics};
+
+/// Everything the stages share.
+pub struct Context {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub rules: RuleEngineClient,
+    pub payments: PaymentClient,
+    pub store: Store,
+    pub settle: mpsc::UnboundedSender<Settlement>,
+}
+
+/// An order between decode and the batcher.
+struct InFlight {
+    order: Order,
+    raw: Bytes,
+    key: Option<Bytes>,
+    position: Position,
+    received_at: Instant,
+    received_wall: DateTime<Utc>,
+    timestamp_ms: Option<i64>,
+    /// W3C trace context from the message, forwarded to both downstreams.
+    traceparent: Option<String>,
+    token: AckToken,
+}
+
+/// An order whose outcome is known and waits for its batch to commit.
+pub(crate) struct Finished {
+    pub record: Record,
+    pub token: AckToken,
+    pub raw: Bytes,
+    pub key: Option<Bytes>,
+    pub position: Position,
+    /// Where end-to-end latency starts.
+    pub origin: Origin,
+}
+
+pub(crate) enum Origin {
+    /// Producer/broker timestamp, Unix milliseconds.
+    Timestamp(i64),
+    Received(Instant),
+}
+
+impl Origin {
+    pub fn elapsed_secs(&self) -> f64 {
+        match self {
+            Origin::Received(at) => at.elapsed().as_secs_f64(),
+            Origin::Timestamp(ms) => {
+                let now_ms = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(*ms);
+                (now_ms - ms).max(0) as f64 / 1000.0
+            }
+        }
+    }
+}
+
+impl InFlight {
+    fn finish(self, status: Status, charge_id: Option<String>, reasons: Vec<String>) -> Finished {
+        let Self {
+            order,
+            raw,
+            key,
+            position,
+            received_at,
+            received_wall,
+            timestamp_ms,
+            traceparent: _,
+            token,
+        } = self;
+        Finished {
+            record: Record {
+                order_id: order.order_id,
+                status,
+                customer_id: order.customer_id,
+                amount_cents: order.amount_cents,
+                currency: order.currency,
+                charge_id,
+                reasons,
+                payload: raw.clone(),
+                source_position: position.to_string(),
+                received_at: received_wall,
+            },
+            token,
+            raw,
+            key,
+            position,
+            origin: match timestamp_ms {
+                Some(ms) => Origin::Timestamp(ms),
+                None => Origin::Received(received_at),
+            },
+        }
+    }
+}
+
+impl Context {
+    pub(crate) fn dead_letter(&self, dl: DeadLetter) {
+        if self
+            .settle
+            .send(Settlement::DeadLetter(Box::new(dl)))
+            .is_err()
+        {
+            tracing::error!("settlement channel closed; the delivery stays unacknowledged");
+        }
+    }
+
+    pub(crate) fn done(&self, tokens: Vec<AckToken>) {
+        if self.settle.send(Settlement::Done(tokens)).is_err() {
+            tracing::error!("settlement channel closed; deliveries stay unacknowledged");
+        }
+    }
+
+    fn give_up(&self, it: InFlight, stage: &'static str, err: RetryError) {
+        let reason = match &err {
+            RetryError::Exhausted { .. } => "retries_exhausted",
+            RetryError::Permanent(_) => "downstream_refused",
+        };
+        self.dead_letter(DeadLetter {
+            token: it.token,
+            body: it.raw,
+            key: it.key,
+            position: it.position,
+            reason: reason.into(),
+            detail: err.to_string(),
+            stage,
+            order_id: Some(it.order.order_id),
+        });
+    }
+}
+
+/// Runs every stage until `deliveries` is closed and all that was in it is
+/// settled.
+pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
+    let cap = ctx.config.pipeline.channel_capacity;
+    let (validate_tx, validate_rx) = mpsc::channel::<InFlight>(cap);
+    let (charge_tx, charge_rx) = mpsc::channel::<InFlight>(cap);
+    let (finished_tx, finished_rx) = mpsc::channel::<Finished>(cap);
+    let (batch_tx, batch_rx) = mpsc::channel::<Vec<Finished>>(ctx.config.batch.writers);
+
+    let decode = decode_loop(ctx.clone(), deliveries, validate_tx);
+
+    let validate = {
+        let ctx2 = ctx.clone();
+        let finished_tx = finished_tx.clone();
+        stage(
+            ctx.clone(),
+            "validate",
+            ctx.config.pipeline.validate_concurrency,
+            ctx.rules.breaker(),
+            validate_rx,
+            move |it: InFlight| {
+                let ctx = ctx2.clone();
+                let charge_tx = charge_tx.clone();
+                let finished_tx = finished_tx.clone();
+                async move {
+                    let verdict = ctx
+                        .rules
+                        .validate(
+                            &it.order.order_id,
+                            it.raw.clone(),
+                            it.traceparent.as_deref(),
+                        )
+                        .await;
+                    match verdict {
+                        Ok(v) if v.valid => {
+                            // A send fails only if the next stage is gone;
+                            // the delivery then stays unacked and comes back.
+                            let _ = charge_tx.send(it).await;
+                        }
+                        Ok(v) => {
+                            let _ = finished_tx
+                                .send(it.finish(Status::Rejected, None, v.reasons))
+                                .await;
+                        }
+                        Err(e) => ctx.give_up(it, "validate", e),
+                    }
+                }
+            },
+        )
+    };
+
+    let charge = {
+        let ctx2 = ctx.clone();
+        stage(
+            ctx.clone(),
+            "charge",
+            ctx.config.pipeline.charge_concurrency,
+            ctx.payments.breaker(),
+            charge_rx,
+            move |it: InFlight| {
+                let ctx = ctx2.clone();
+                let finished_tx = finished_tx.clone();
+                async move {
+                    let charge = ctx
+                        .payments
+                        .charge(&it.order, it.traceparent.as_deref())
+                        .await;
+                    match charge {
+                        Ok(c) => {
+                            let (status, reasons) = match c.status {
+                                ChargeStatus::Succeeded => (Status::Accepted, Vec::new()),
+                                ChargeStatus::Declined => (
+                                    Status::Declined,
+                                    vec![c.reason.unwrap_or_else(|| "declined".into())],
+                                ),
+                            };
+                            let _ = finished_tx
+                                .send(it.finish(status, Some(c.charge_id), reasons))
+                                .await;
+                        }
+                        Err(e) => ctx.give_up(it, "charge", e),
+                    }
+                }
+            },
+        )
+    };
+
+    let batcher = batch::batcher(ctx.clone(), finished_rx, batch_tx);
+    let writers = batch::writers(ctx.clone(), batch_rx);
+    tokio::join!(decode, validate, charge, batcher, writers);
+}
+
+/// Decodes each delivery; poison goes to the dead-letter destination, a
+/// redelivery of an order already stored is acknowledged without calling
+/// anyone again.
+async fn decode_loop(
+    ctx: Arc<Context>,
+    mut deliveries: mpsc::Receiver<Delivery>,
+    validate: mpsc::Sender<InFlight>,
+) {
+    let max = ctx.config.source.max_message_bytes;
+    while let Some(d) = deliveries.recv().await {
+        let order = match order::decode(&d.body, max) {
+            Ok(order) => order,
+            Err(poison) => {
+                ctx.dead_letter(DeadLetter {
+                    token: d.token,
+                    order_id: None,
+                    body: d.body,
+                    key: d.key,
+                    position: d.position,
+                    reason: poison.kind.as_str().into(),
+                    detail: poison.detail,
+                    stage: "decode",
+                });
+                continue;
+            }
+        };
+        if d.redelivered && already_stored(&ctx, &order.order_id).await {
+            tracing::info!(order_id = %order.order_id, position = %d.position,
+                "redelivered order already stored; acknowledging");
+            ctx.metrics.orders.with_label_values(&["duplicate"]).inc();
+            ctx.done(vec![d.token]);
+            continue;
+        }
+        let it = InFlight {
+            order,
+            raw: d.body,
+            key: d.key,
+            position: d.position,
+            received_at: d.received_at,
+            received_wall: Utc::now(),
+            timestamp_ms: d.timestamp_ms,
+            traceparent: d.traceparent,
+            token: d.token,
+        };
+        if validate.send(it).await.is_err() {
+            break;
+        }
+    }
+}
+
+async fn already_stored(ctx: &Context, order_id: &str) -> bool {
+    match ctx.store.stored(&[order_id.to_string()]).await {
+        Ok(found) => found.contains(order_id),
+        // Not knowing is not a reason to stop: the idempotency key and the
+        // upsert keep a second pass harmless.
+        Err(e) => {
+            tracing::warn!(order_id, error = %e, "cannot check for a stored outcome");
+            false
+        }
+    }
+}
+
+/// A bounded worker pool: at most `concurrency` items are worked on at
+/// once, and no item is taken from `input` until a worker is free and the
+/// downstream's circuit lets calls through, so a slow or failing stage
+/// pushes back on the one before it.
+async fn stage<I, F, Fut>(
+    ctx: Arc<Context>,
+    name: &'static str,
+    concurrency: usize,
+    breaker: Arc<CircuitBreaker>,
+    mut input: mpsc::Receiver<I>,
+    work: F,
+) where
+    I: Send + 'static,
+    F: Fn(I) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let tasks = TaskTracker::new();
+    let in_flight = ctx.metrics.stage_in_flight.with_label_values(&[name]);
+    let duration = ctx.metrics.stage_duration.with_label_values(&[name]);
+    // The stage is what an outage stops, so it is also what reports one.
+    ctx.health.watch(breaker.clone());
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        // While the circuit is open an item taken now could only wait, and
+        // taking it would make room for one more upstream: leaving it in the
+        // channel is what lets the backpressure reach the broker. (On drain
+        // this can delay noticing the closed input by up to `open_for`.)
+        breaker.admitting().await;
+        let Some(item) = input.recv().await else {
+            break;
+        };
+        let fut = work(item);
+        let in_flight = in_flight.clone();
+        let duration = duration.clone();
+        in_flight.inc();
+        tasks.spawn(async move {
+            let started = Instant::now();
+            fut.await;
+            duration.observe(started.elapsed().as_secs_f64());
+            in_flight.dec();
+            drop(slot);
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+}

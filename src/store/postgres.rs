@@ -1,0 +1,120 @@
+//! PostgreSQL store. A batch is written with one `INSERT … SELECT FROM
+//! UNNEST(arrays)`: ten array parameters whatever the batch size, so the
+//! statement is prepared once and never hits the bind-parameter limit.
+
+use std::collections::HashSet;
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::ConnectOptions;
+
+use super::{Record, StoreError};
+use crate::config::{resolve_secret, DatabaseConfig};
+
+const INSERT: &str = "\
+INSERT INTO orders (order_id, status, customer_id, amount_cents, currency, charge_id,
+                    reasons, payload, source_position, received_at)
+SELECT o, s, c, a, cur, ch, r::jsonb, p::jsonb, pos, rcv
+FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[],
+            $7::text[], $8::text[], $9::text[], $10::timestamptz[])
+     AS t(o, s, c, a, cur, ch, r, p, pos, rcv)
+ON CONFLICT (order_id) DO NOTHING";
+
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub async fn connect(cfg: &DatabaseConfig) -> anyhow::Result<Self> {
+        let mut opts = PgConnectOptions::from_str(&cfg.url)
+            .map_err(|e| anyhow::anyhow!("database.url: {e}"))?
+            .application_name("conveyor")
+            .log_statements(tracing::log::LevelFilter::Trace);
+        if let Some(pw) = resolve_secret("database.password", &cfg.password, &cfg.password_file)? {
+            opts = opts.password(pw.expose());
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(cfg.max_connections)
+            .acquire_timeout(cfg.acquire_timeout)
+            .connect_lazy_with(opts);
+        Ok(Self { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        sqlx::migrate!("./migrations/postgres")
+            .run(&self.pool)
+            .await
+            .map_err(|e| anyhow::anyhow!("applying migrations: {e}"))
+    }
+
+    pub async fn commit(&self, batch: &[Record]) -> Result<(), StoreError> {
+        let n = batch.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut statuses = Vec::with_capacity(n);
+        let mut customers = Vec::with_capacity(n);
+        let mut amounts = Vec::with_capacity(n);
+        let mut currencies = Vec::with_capacity(n);
+        let mut charges = Vec::with_capacity(n);
+        let mut reasons = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut positions = Vec::with_capacity(n);
+        let mut received = Vec::with_capacity(n);
+        for r in batch {
+            ids.push(r.order_id.as_str());
+            statuses.push(r.status.as_str());
+            customers.push(r.customer_id.as_str());
+            amounts.push(r.amount_cents);
+            currencies.push(r.currency.as_str());
+            charges.push(r.charge_id.as_deref());
+            reasons.push(serde_json::to_string(&r.reasons).unwrap_or_else(|_| "[]".into()));
+            // decode() accepted only valid UTF-8.
+            payloads.push(std::str::from_utf8(&r.payload).unwrap_or("null"));
+            positions.push(r.source_position.as_str());
+            received.push(r.received_at);
+        }
+        let mut tx = self.pool.begin().await.map_err(StoreError::classify)?;
+        sqlx::query(INSERT)
+            .bind(&ids)
+            .bind(&statuses)
+            .bind(&customers)
+            .bind(&amounts)
+            .bind(&currencies)
+            .bind(&charges)
+            .bind(&reasons)
+            .bind(&payloads)
+            .bind(&positions)
+            .bind(&received)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::classify)?;
+        tx.commit().await.map_err(StoreError::classify)?;
+        Ok(())
+    }
+
+    pub async fn stored(&self, order_ids: &[String]) -> Result<HashSet<String>, StoreError> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT order_id FROM orders WHERE order_id = ANY($1::text[])")
+                .bind(order_ids)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::classify)?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(StoreError::classify)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}

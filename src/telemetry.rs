@@ -1,0 +1,416 @@
+//! Telemetry: the Prometheus registry, the health flags behind `/healthz`
+//! and `/readyz`, the HTTP server that exposes them, and tracing set-up.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{
+    exponential_buckets, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Every metric conveyor exports, prefixed `conveyor_`.
+pub struct Metrics {
+    pub registry: Registry,
+    pub received: IntCounter,
+    pub acked: IntCounter,
+    pub orders: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+    pub stage_in_flight: IntGaugeVec,
+    pub stage_duration: HistogramVec,
+    pub downstream_requests: IntCounterVec,
+    pub downstream_retries: IntCounterVec,
+    pub batch_orders: Histogram,
+    pub batch_commit_duration: Histogram,
+    pub batch_commit_retries: IntCounter,
+    pub unacked: IntGauge,
+    pub end_to_end: Histogram,
+    pub ready: IntGauge,
+    pub kafka_lag: IntGaugeVec,
+    pub broker_errors: IntCounterVec,
+    pub rabbitmq_queue: IntGaugeVec,
+    pub circuit_state: IntGaugeVec,
+    pub oldest_unacked_age: Gauge,
+    /// When each held delivery arrived, for `oldest_unacked_age`.
+    pub held_since: HeldClock,
+}
+
+/// Arrival times of the deliveries held right now, oldest first.
+#[derive(Default)]
+pub struct HeldClock {
+    inner: Mutex<(u64, BTreeMap<u64, Instant>)>,
+}
+
+impl HeldClock {
+    /// Registers an arrival; the id removes it.
+    pub fn start(&self) -> u64 {
+        let Ok(mut g) = self.inner.lock() else {
+            return 0;
+        };
+        g.0 += 1;
+        let id = g.0;
+        g.1.insert(id, Instant::now());
+        id
+    }
+
+    pub fn stop(&self, id: u64) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.1.remove(&id);
+        }
+    }
+
+    /// Age of the oldest delivery held, zero when none is.
+    pub fn oldest_age(&self) -> Duration {
+        self.inner
+            .lock()
+            .ok()
+            .and_then(|g| g.1.values().next().map(|t| t.elapsed()))
+            .unwrap_or_default()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(Some("conveyor".into()), None)?;
+        let latency = exponential_buckets(0.0005, 2.0, 16)?;
+        let m = Self {
+            received: IntCounter::new(
+                "messages_received_total",
+                "Messages taken from the broker.",
+            )?,
+            acked: IntCounter::new(
+                "messages_acked_total",
+                "Messages acknowledged to the broker after their outcome was durable.",
+            )?,
+            orders: IntCounterVec::new(
+                Opts::new(
+                    "orders_total",
+                    "Orders by outcome: accepted, rejected, declined, dead_lettered, duplicate.",
+                ),
+                &["outcome"],
+            )?,
+            dead_letters: IntCounterVec::new(
+                Opts::new(
+                    "dead_letters_total",
+                    "Messages published to the dead-letter destination, by reason.",
+                ),
+                &["reason"],
+            )?,
+            stage_in_flight: IntGaugeVec::new(
+                Opts::new("stage_in_flight", "Orders being worked on, per stage."),
+                &["stage"],
+            )?,
+            stage_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "stage_duration_seconds",
+                    "Time an order spends in a stage, retries included.",
+                )
+                .buckets(latency.clone()),
+                &["stage"],
+            )?,
+            downstream_requests: IntCounterVec::new(
+                Opts::new(
+                    "downstream_requests_total",
+                    "HTTP requests to the rule engine and payment provider, by result.",
+                ),
+                &["downstream", "result"],
+            )?,
+            downstream_retries: IntCounterVec::new(
+                Opts::new(
+                    "downstream_retries_total",
+                    "Retries after a transient downstream failure.",
+                ),
+                &["downstream"],
+            )?,
+            batch_orders: Histogram::with_opts(
+                HistogramOpts::new("batch_orders", "Orders per committed batch.")
+                    .buckets(exponential_buckets(1.0, 2.0, 14)?),
+            )?,
+            batch_commit_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "batch_commit_duration_seconds",
+                    "Time to commit one batch transaction.",
+                )
+                .buckets(latency.clone()),
+            )?,
+            batch_commit_retries: IntCounter::new(
+                "batch_commit_retries_total",
+                "Batch commits retried after a transient database error.",
+            )?,
+            unacked: IntGauge::new(
+                "unacked_messages",
+                "Messages held and not yet acknowledged (prefetch permits in use).",
+            )?,
+            end_to_end: Histogram::with_opts(
+                HistogramOpts::new(
+                    "end_to_end_latency_seconds",
+                    "From the message's timestamp (or its receipt) to the commit of its outcome.",
+                )
+                // Fine buckets (×1.25) so quantiles read from them are close.
+                .buckets(exponential_buckets(0.0005, 1.25, 56)?),
+            )?,
+            ready: IntGauge::new("ready", "1 when /readyz answers 200.")?,
+            rabbitmq_queue: IntGaugeVec::new(
+                Opts::new(
+                    "rabbitmq_queue_messages",
+                    "Messages ready in the consumed queue (passive declare), refreshed periodically.",
+                ),
+                &["queue"],
+            )?,
+            circuit_state: IntGaugeVec::new(
+                Opts::new(
+                    "circuit_state",
+                    "Circuit breaker per downstream: 0 closed, 1 half-open, 2 open.",
+                ),
+                &["downstream"],
+            )?,
+            oldest_unacked_age: Gauge::new(
+                "oldest_unacked_age_seconds",
+                "Age of the oldest message held and not yet acknowledged (0 when none).",
+            )?,
+            held_since: HeldClock::default(),
+            broker_errors: IntCounterVec::new(
+                Opts::new(
+                    "broker_errors_total",
+                    "Broker client errors: connection lost, reconnect failed, consumer error.",
+                ),
+                &["broker", "kind"],
+            )?,
+            kafka_lag: IntGaugeVec::new(
+                Opts::new(
+                    "kafka_consumer_lag_messages",
+                    "High watermark minus committed offset, per owned partition.",
+                ),
+                &["topic", "partition"],
+            )?,
+            registry,
+        };
+        m.registry.register(Box::new(m.received.clone()))?;
+        m.registry.register(Box::new(m.acked.clone()))?;
+        m.registry.register(Box::new(m.orders.clone()))?;
+        m.registry.register(Box::new(m.dead_letters.clone()))?;
+        m.registry.register(Box::new(m.stage_in_flight.clone()))?;
+        m.registry.register(Box::new(m.stage_duration.clone()))?;
+        m.registry
+            .register(Box::new(m.downstream_requests.clone()))?;
+        m.registry
+            .register(Box::new(m.downstream_retries.clone()))?;
+        m.registry.register(Box::new(m.batch_orders.clone()))?;
+        m.registry
+            .register(Box::new(m.batch_commit_duration.clone()))?;
+        m.registry
+            .register(Box::new(m.batch_commit_retries.clone()))?;
+        m.registry.register(Box::new(m.unacked.clone()))?;
+        m.registry.register(Box::new(m.end_to_end.clone()))?;
+        m.registry.register(Box::new(m.ready.clone()))?;
+        m.registry.register(Box::new(m.kafka_lag.clone()))?;
+        m.registry.register(Box::new(m.broker_errors.clone()))?;
+        m.registry.register(Box::new(m.rabbitmq_queue.clone()))?;
+        m.registry.register(Box::new(m.circuit_state.clone()))?;
+        m.registry
+            .register(Box::new(m.oldest_unacked_age.clone()))?;
+        // Export every known series from the start: a family that appears
+        // only after its first event breaks rate() and alerts.
+        for downstream in ["rule_engine", "payment"] {
+            m.circuit_state.with_label_values(&[downstream]).set(0);
+            m.downstream_retries.with_label_values(&[downstream]);
+            m.downstream_requests.with_label_values(&[downstream, "ok"]);
+        }
+        for outcome in [
+            "accepted",
+            "rejected",
+            "declined",
+            "dead_lettered",
+            "duplicate",
+        ] {
+            m.orders.with_label_values(&[outcome]);
+        }
+        m.broker_errors
+            .with_label_values(&["rabbitmq", "reconnect_failed"]);
+        m.broker_errors
+            .with_label_values(&["kafka", "consumer_error"]);
+        for stage in ["validate", "charge"] {
+            m.stage_in_flight.with_label_values(&[stage]);
+            m.stage_duration.with_label_values(&[stage]);
+        }
+        Ok(m)
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Estimates a quantile from a histogram's buckets by linear interpolation
+/// inside the bucket that holds it (what PromQL's `histogram_quantile` does).
+pub fn histogram_quantile(h: &Histogram, q: f64) -> Option<f64> {
+    use prometheus::core::Metric as _;
+    let m = h.metric();
+    let hist = m.get_histogram();
+    let total = hist.get_sample_count();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let (mut prev_bound, mut prev_count) = (0.0, 0u64);
+    for b in hist.get_bucket() {
+        let count = b.cumulative_count();
+        if count as f64 >= rank {
+            let width = b.upper_bound() - prev_bound;
+            let within = (rank - prev_count as f64) / (count - prev_count).max(1) as f64;
+            return Some(prev_bound + width * within);
+        }
+        prev_bound = b.upper_bound();
+        prev_count = count;
+    }
+    Some(prev_bound)
+}
+
+/// Something that can make the daemon unready on its own terms, asked each
+/// time readiness is computed (a circuit breaker open for too long: its
+/// verdict changes with the passing of time, not only on events).
+pub trait ReadinessCheck: Send + Sync + std::fmt::Debug {
+    /// Why the daemon is not ready, or `None` when this check is fine.
+    fn not_ready(&self) -> Option<String>;
+}
+
+/// What `/readyz` is made of. Each flag is owned by the component it names.
+#[derive(Debug, Default)]
+pub struct Health {
+    pub broker_connected: AtomicBool,
+    pub database_ok: AtomicBool,
+    pub draining: AtomicBool,
+    /// Registered by the stages: their downstreams' circuit breakers.
+    checks: Mutex<Vec<Arc<dyn ReadinessCheck>>>,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.broker_connected.load(Ordering::Relaxed)
+            && self.database_ok.load(Ordering::Relaxed)
+            && !self.draining.load(Ordering::Relaxed)
+            && self.check_failures().is_empty()
+    }
+
+    /// Adds a check that readiness consults from now on.
+    pub fn watch(&self, check: Arc<dyn ReadinessCheck>) {
+        if let Ok(mut checks) = self.checks.lock() {
+            checks.push(check);
+        }
+    }
+
+    /// The reasons given by the registered checks that fail right now.
+    pub fn check_failures(&self) -> Vec<String> {
+        self.checks
+            .lock()
+            .map(|checks| checks.iter().filter_map(|c| c.not_ready()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn set(flag: &AtomicBool, value: bool) {
+        flag.store(value, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
+    s.metrics.ready.set(i64::from(s.health.ready()));
+    s.metrics
+        .oldest_unacked_age
+        .set(s.metrics.held_since.oldest_age().as_secs_f64());
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+}
+
+async fn healthz() -> impl IntoResponse {
+    (StatusCode::OK, "ok\n")
+}
+
+async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
+    let h = &s.health;
+    if h.ready() {
+        return (StatusCode::OK, "ready\n".to_string());
+    }
+    let why = [
+        (!h.broker_connected.load(Ordering::Relaxed)).then_some("broker not connected"),
+        (!h.database_ok.load(Ordering::Relaxed)).then_some("database not reachable"),
+        h.draining.load(Ordering::Relaxed).then_some("draining"),
+    ]
+    .into_iter()
+    .flatten()
+    .map(str::to_string)
+    .chain(h.check_failures())
+    .collect::<Vec<_>>()
+    .join(", ");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("not ready: {why}\n"),
+    )
+}
+
+/// Binds the telemetry port and serves until `stop` is cancelled. Returns
+/// the bound address (useful with port 0).
+pub async fn serve(
+    listen: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(HttpState { metrics, health });
+    let handle = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+        {
+            tracing::error!(error = %e, "telemetry server failed");
+        }
+    });
+    Ok((addr, handle))
+}
+
+/// Installs the global tracing subscriber. `RUST_LOG` wins over the config.
+pub fn init_tracing(cfg: &LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match cfg.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+    // A second init (tests, or `demo` after `simulate`) keeps the first.
+    drop(result);
+}

@@ -1,0 +1,133 @@
+//! Property tests of the decoder (`conveyor::order::decode`): whatever the
+//! bytes, it answers — an order that satisfies every schema rule, or a
+//! poison reason — and never panics, overflows or recurses without bound.
+//! `fuzz/corpus/decode/` keeps the inputs that matter (each kind of damage a
+//! feed carries); proptest keeps its own regressions in `proptest-regressions/`.
+
+use conveyor::order::{decode, is_known_currency, Order, PoisonKind};
+use proptest::prelude::*;
+
+const MAX: usize = 64 * 1024;
+
+/// What every accepted order satisfies.
+fn check_invariants(o: &Order) {
+    assert!(!o.order_id.is_empty() && !o.customer_id.is_empty());
+    assert!(is_known_currency(&o.currency));
+    assert!(o.amount_cents > 0);
+    assert!(!o.items.is_empty());
+    let sum = o.items.iter().try_fold(0i64, |acc, i| {
+        i.qty
+            .checked_mul(i.unit_price_cents)
+            .and_then(|l| acc.checked_add(l))
+    });
+    assert_eq!(sum, Some(o.amount_cents));
+}
+
+fn valid_order() -> impl Strategy<Value = String> {
+    (
+        "[a-z0-9-]{1,40}",
+        "[a-z0-9-]{1,20}",
+        prop::sample::select(vec!["EUR", "USD", "GBP", "JPY", "CHF"]),
+        prop::collection::vec(("[A-Z0-9-]{1,10}", 1i64..50, 0i64..100_000), 1..20),
+    )
+        .prop_map(|(id, customer, currency, items)| {
+            let amount: i64 = items.iter().map(|(_, q, p)| q * p).sum();
+            let amount = amount.max(1);
+            let mut items: Vec<serde_json::Value> = items
+                .iter()
+                .map(|(sku, q, p)| serde_json::json!({"sku": sku, "qty": q, "unit_price_cents": p}))
+                .collect();
+            // Keep the sum equal to the amount even when every price is 0.
+            let listed: i64 = items
+                .iter()
+                .map(|i| i["qty"].as_i64().unwrap_or(0) * i["unit_price_cents"].as_i64().unwrap_or(0))
+                .sum();
+            if listed != amount {
+                items.push(serde_json::json!({"sku": "ADJ", "qty": 1, "unit_price_cents": amount - listed}));
+            }
+            serde_json::json!({
+                "order_id": id, "customer_id": customer, "currency": currency,
+                "amount_cents": amount, "items": items,
+                "created_at": "2026-11-22T10:00:00Z", "extra": {"kept": true},
+            })
+            .to_string()
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
+        if let Ok(o) = decode(&bytes, MAX) {
+            check_invariants(&o);
+        }
+    }
+
+    #[test]
+    fn valid_orders_decode(body in valid_order()) {
+        let o = decode(body.as_bytes(), MAX).expect("a valid order decodes");
+        check_invariants(&o);
+    }
+
+    #[test]
+    fn damaged_orders_are_refused_or_still_valid(
+        body in valid_order(),
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8),
+    ) {
+        let mut bytes = body.into_bytes();
+        for (at, byte, op) in edits {
+            if bytes.is_empty() { break; }
+            let i = at.index(bytes.len());
+            match op {
+                0 => { bytes.remove(i); }
+                1 => bytes[i] = byte,
+                _ => bytes.insert(i, byte),
+            }
+        }
+        if let Ok(o) = decode(&bytes, MAX) {
+            check_invariants(&o);
+        }
+    }
+
+    #[test]
+    fn nesting_is_bounded(depth in 1usize..50_000) {
+        let body = format!("{{\"x\":{}{}}}", "[".repeat(depth), "]".repeat(depth));
+        let _ = decode(body.as_bytes(), usize::MAX);
+    }
+}
+
+#[test]
+fn the_corpus_gets_the_expected_answers() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/decode");
+    let expect = |name: &str| -> Option<PoisonKind> {
+        match name {
+            "valid-minimal" => None,
+            "empty" => Some(PoisonKind::Empty),
+            "open-brace" | "deep-array" => Some(PoisonKind::MalformedJson),
+            "array" | "string" | "null" | "duplicate-key" | "float-amount" | "bad-date" => {
+                Some(PoisonKind::Schema)
+            }
+            "overflow" => Some(PoisonKind::InvalidAmount),
+            "invalid-utf8" => Some(PoisonKind::InvalidUtf8),
+            "nul-escape" => Some(PoisonKind::InvalidField),
+            "huge-array" => Some(PoisonKind::InvalidField),
+            "lowercase-currency" => Some(PoisonKind::UnknownCurrency),
+            other => panic!("corpus file {other} has no expected answer here"),
+        }
+    };
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("corpus directory") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let bytes = std::fs::read(&path).expect("read");
+        let got = decode(&bytes, MAX).err().map(|p| p.kind);
+        assert_eq!(got, expect(&name), "{name}");
+        seen += 1;
+    }
+    assert!(seen >= 15, "corpus shrank to {seen}");
+}

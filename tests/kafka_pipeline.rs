@@ -1,0 +1,375 @@
+//! The Kafka source end to end, on librdkafka's mock cluster held by the
+//! test process (a Kafka-protocol broker on loopback sockets, reachable from
+//! child daemons too), with real PostgreSQL and the simulator.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{metric, wait_for, Daemon, Env, InProcess};
+use conveyor::config::{Config, SourceKind};
+use conveyor::produce::{Intent, Mix, OrderGen};
+use conveyor::sim::Knobs;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+
+const PARTITIONS: i32 = 4;
+
+fn kafka_config(env: &Env, brokers: &str, topic: &str) -> Config {
+    let mut c = env.config();
+    c.source.kind = SourceKind::Kafka;
+    c.kafka.brokers = brokers.to_string();
+    c.kafka.group_id = format!("{}-group", env.name);
+    c.kafka.topics = vec![topic.to_string()];
+    c.kafka.commit_interval = Duration::from_millis(200);
+    c.kafka.lag_interval = Duration::from_millis(200);
+    c.kafka
+        .properties
+        .insert("session.timeout.ms".into(), "6000".into());
+    c
+}
+
+async fn produce(brokers: &str, topic: &str, gen: &OrderGen, range: std::ops::Range<u64>) {
+    common::kafka_produce(
+        brokers,
+        topic,
+        range.map(|i| (gen.order_id(i), gen.message(i).1)),
+    )
+    .await;
+}
+
+/// (committed, log end) per partition; every partition must be readable.
+fn committed_and_end(brokers: &str, group: &str, topic: &str) -> Vec<(i64, i64)> {
+    let offsets = common::kafka_committed_and_end(brokers, group, topic, PARTITIONS);
+    assert_eq!(
+        offsets.len(),
+        PARTITIONS as usize,
+        "offsets of every partition"
+    );
+    offsets
+}
+
+fn kafka_env(env: &Env, brokers: &str, topic: &str) -> Vec<(String, String)> {
+    vec![
+        ("CONVEYOR__SOURCE__KIND".into(), "kafka".into()),
+        ("CONVEYOR__KAFKA__BROKERS".into(), brokers.into()),
+        (
+            "CONVEYOR__KAFKA__GROUP_ID".into(),
+            format!("{}-group", env.name),
+        ),
+        ("CONVEYOR__KAFKA__TOPICS".into(), topic.into()),
+        ("CONVEYOR__KAFKA__COMMIT_INTERVAL".into(), "200ms".into()),
+        ("CONVEYOR__KAFKA__LAG_INTERVAL".into(), "200ms".into()),
+    ]
+}
+
+async fn run_in_process(
+    config: Config,
+    until: impl Fn(
+        std::net::SocketAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>,
+) -> conveyor::Report {
+    let member = InProcess::start(config).await;
+    wait_for("the run's goal", Duration::from_secs(180), || {
+        until(member.addr)
+    })
+    .await;
+    member.stop().await
+}
+
+fn acked_at_least(
+    n: u64,
+) -> impl Fn(std::net::SocketAddr) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
+{
+    move |addr| {
+        Box::pin(async move {
+            metric(addr, "conveyor_messages_acked_total")
+                .await
+                .unwrap_or(0.0)
+                >= n as f64
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_orders_across_four_partitions_commit_to_the_log_end() {
+    let env = Env::new("k10k", Knobs::default()).await;
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let topic = format!("{}-orders", env.name);
+    cluster.create_topic(&topic, PARTITIONS, 1).expect("topic");
+    let brokers = cluster.bootstrap_servers();
+    let gen = OrderGen::new(
+        env.name.clone(),
+        Mix {
+            reject_pct: 3.0,
+            decline_pct: 3.0,
+            poison_pct: 0.0,
+        },
+    );
+    let n = 10_000u64;
+    produce(&brokers, &topic, &gen, 0..n).await;
+
+    let config = kafka_config(&env, &brokers, &topic);
+    let started = Instant::now();
+    let report = run_in_process(config, |addr| {
+        Box::pin(async move {
+            metric(addr, "conveyor_messages_acked_total").await.unwrap_or(0.0) >= n as f64
+                // Lag is exported per partition and reaches 0 once the
+                // commits are in.
+                && metric(addr, "conveyor_kafka_consumer_lag_messages").await == Some(0.0)
+        })
+    })
+    .await;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "kafka 10k: {n} orders in {secs:.2} s incl. group join = {:.0} orders/s, peak RSS {} KiB ({report:?})",
+        n as f64 / secs,
+        conveyor::demo::peak_rss_kib()
+    );
+    assert_eq!(report.acked, n);
+    assert_eq!(env.rows().await, n as i64);
+    let offsets = committed_and_end(&brokers, &format!("{}-group", env.name), &topic);
+    assert_eq!(offsets.len(), PARTITIONS as usize);
+    for (committed, end) in &offsets {
+        assert_eq!(
+            committed, end,
+            "committed offsets at the log end: {offsets:?}"
+        );
+    }
+    assert!(
+        offsets.iter().all(|(_, end)| *end > 0),
+        "every partition had messages"
+    );
+    env.check_ledger().await;
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_from_the_committed_offsets() {
+    let env = Env::new("krestart", Knobs::default()).await;
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let topic = format!("{}-orders", env.name);
+    cluster.create_topic(&topic, PARTITIONS, 1).expect("topic");
+    let brokers = cluster.bootstrap_servers();
+    let gen = OrderGen::new(env.name.clone(), Mix::default());
+    let n = 10_000u64;
+    produce(&brokers, &topic, &gen, 0..n).await;
+
+    let first = run_in_process(kafka_config(&env, &brokers, &topic), acked_at_least(3_000)).await;
+    assert!(first.drained && first.acked < n, "{first:?}");
+    let stored = env.rows().await;
+    assert_eq!(
+        stored as u64, first.acked,
+        "a clean drain commits exactly what it stored"
+    );
+    let rows_target = n as i64;
+    let pool = env.pool.clone();
+    let second = run_in_process(kafka_config(&env, &brokers, &topic), move |_| {
+        let pool = pool.clone();
+        Box::pin(async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders")
+                .fetch_one(&pool)
+                .await
+                .unwrap_or(0)
+                == rows_target
+        })
+    })
+    .await;
+    println!(
+        "restart: first run acked {}, second received {}",
+        first.acked, second.received
+    );
+    assert_eq!(
+        second.received,
+        n - first.acked,
+        "the second run starts exactly where the first committed"
+    );
+    assert_eq!(env.rows().await, n as i64);
+    assert_eq!(env.check_ledger().await, n as usize);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_goes_to_the_dead_letter_topic_with_headers_and_offsets_move_past_it() {
+    let env = Env::new("kpoison", Knobs::default()).await;
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let topic = format!("{}-orders", env.name);
+    let dlq = format!("{topic}.dlq");
+    cluster.create_topic(&topic, PARTITIONS, 1).expect("topic");
+    cluster.create_topic(&dlq, 1, 1).expect("dlq topic");
+    let brokers = cluster.bootstrap_servers();
+    let gen = OrderGen::new(
+        env.name.clone(),
+        Mix {
+            poison_pct: 10.0,
+            reject_pct: 0.0,
+            decline_pct: 0.0,
+        },
+    );
+    let n = 1_000u64;
+    produce(&brokers, &topic, &gen, 0..n).await;
+    let poison: Vec<u64> = (0..n)
+        .filter(|i| gen.intent(*i) == Intent::Poison)
+        .collect();
+
+    let report = run_in_process(kafka_config(&env, &brokers, &topic), acked_at_least(n)).await;
+    assert_eq!(report.dead_lettered, poison.len() as u64);
+    assert_eq!(env.rows().await, (n as usize - poison.len()) as i64);
+    for (committed, end) in committed_and_end(&brokers, &format!("{}-group", env.name), &topic) {
+        assert_eq!(committed, end);
+    }
+
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", format!("{}-reader", env.name))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("reader");
+    reader.subscribe(&[dlq.as_str()]).expect("subscribe");
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.len() < poison.len() && Instant::now() < deadline {
+        if let Some(Ok(m)) = reader.poll(Duration::from_millis(200)) {
+            let h = m.headers().expect("dead letters carry headers");
+            let text = |k| conveyor::source::kafka::header_text(h, k).unwrap_or_default();
+            assert!(!text("x-conveyor-reason").is_empty());
+            assert_eq!(text("x-conveyor-stage"), "decode");
+            assert_eq!(text("x-conveyor-topic"), topic);
+            assert!(text("x-conveyor-offset").parse::<i64>().is_ok());
+            assert!(!text("x-conveyor-failed-at").is_empty());
+            let key = String::from_utf8_lossy(m.key().expect("original key kept")).into_owned();
+            seen.push(key);
+        }
+    }
+    seen.sort();
+    let mut want: Vec<String> = poison.iter().map(|i| gen.order_id(*i)).collect();
+    want.sort();
+    assert_eq!(seen, want, "every poison message, keyed as it came");
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_share_the_group_one_stops_another_joins_under_load() {
+    let env = Env::new("kgroup", Knobs::default()).await;
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let topic = format!("{}-orders", env.name);
+    cluster.create_topic(&topic, PARTITIONS, 1).expect("topic");
+    let brokers = cluster.bootstrap_servers();
+    let gen = OrderGen::new(env.name.clone(), Mix::default());
+    let n = 12_000u64;
+    produce(&brokers, &topic, &gen, 0..3_000).await;
+
+    let vars = kafka_env(&env, &brokers, &topic);
+    let extra: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let extra_props = [("CONVEYOR__KAFKA__REVOKE_TIMEOUT", "5s")];
+    let all: Vec<(&str, &str)> = extra.iter().chain(extra_props.iter()).copied().collect();
+    let mut a = Daemon::start(&env, &all).await;
+    let mut b = Daemon::start(&env, &all).await;
+    // Keep producing while the group changes.
+    produce(&brokers, &topic, &gen, 3_000..6_000).await;
+    wait_for("both members working", Duration::from_secs(60), || async {
+        metric(a.http, "conveyor_messages_acked_total")
+            .await
+            .unwrap_or(0.0)
+            > 0.0
+            && metric(b.http, "conveyor_messages_acked_total")
+                .await
+                .unwrap_or(0.0)
+                > 0.0
+    })
+    .await;
+    a.signal(libc::SIGTERM);
+    produce(&brokers, &topic, &gen, 6_000..9_000).await;
+    let (code, _) = a.wait(Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "log:\n{}", a.log_text());
+    let mut c = Daemon::start(&env, &all).await;
+    produce(&brokers, &topic, &gen, 9_000..n).await;
+    wait_for("every order stored", Duration::from_secs(180), || async {
+        env.rows().await == n as i64
+    })
+    .await;
+    for d in [&mut b, &mut c] {
+        d.signal(libc::SIGTERM);
+        let (code, _) = d.wait(Duration::from_secs(30)).await;
+        assert_eq!(code, Some(0), "log:\n{}", d.log_text());
+    }
+    assert_eq!(env.rows().await, n as i64);
+    assert_eq!(env.check_ledger().await, n as usize);
+    for (committed, end) in committed_and_end(&brokers, &format!("{}-group", env.name), &topic) {
+        assert_eq!(committed, end);
+    }
+    env.cleanup().await;
+}
+
+#[test]
+fn the_demo_runs_and_its_invariants_hold() {
+    let out = std::process::Command::new(common::binary())
+        .args(["demo", "--orders", "2000", "--quiet"])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run conveyor demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("invariants: ok"), "{stdout}");
+    assert!(stdout.contains("orders/s"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cooperative_sticky_rebalances_lose_and_double_nothing() {
+    let env = Env::new("kcoop", Knobs::default()).await;
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    let topic = format!("{}-orders", env.name);
+    cluster.create_topic(&topic, PARTITIONS, 1).expect("topic");
+    let brokers = cluster.bootstrap_servers();
+    let gen = OrderGen::new(env.name.clone(), Mix::default());
+    let n = 9_000u64;
+    let config = || {
+        let mut c = kafka_config(&env, &brokers, &topic);
+        c.kafka.properties.insert(
+            "partition.assignment.strategy".into(),
+            "cooperative-sticky".into(),
+        );
+        c
+    };
+    produce(&brokers, &topic, &gen, 0..3_000).await;
+    let a = InProcess::start(config()).await;
+    let b = InProcess::start(config()).await;
+    produce(&brokers, &topic, &gen, 3_000..6_000).await;
+    wait_for("both members working", Duration::from_secs(60), || async {
+        metric(a.addr, "conveyor_messages_acked_total")
+            .await
+            .unwrap_or(0.0)
+            > 0.0
+            && metric(b.addr, "conveyor_messages_acked_total")
+                .await
+                .unwrap_or(0.0)
+                > 0.0
+    })
+    .await;
+    let report_a = a.stop().await;
+    assert!(report_a.drained);
+    let c = InProcess::start(config()).await;
+    produce(&brokers, &topic, &gen, 6_000..n).await;
+    wait_for("every order stored", Duration::from_secs(180), || async {
+        env.rows().await == n as i64
+    })
+    .await;
+    let (rb, rc) = (b.stop().await, c.stop().await);
+    println!(
+        "cooperative: a acked {}, b {}, c {}",
+        report_a.acked, rb.acked, rc.acked
+    );
+    assert_eq!(env.rows().await, n as i64);
+    assert_eq!(env.check_ledger().await, n as usize);
+    for (committed, end) in committed_and_end(&brokers, &format!("{}-group", env.name), &topic) {
+        assert_eq!(committed, end);
+    }
+    env.cleanup().await;
+}
