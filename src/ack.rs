@@ -201,6 +201,10 @@ pub type TopicPartition = (std::sync::Arc<str>, i32);
 pub struct OffsetTracker {
     partitions: std::collections::HashMap<TopicPartition, PartitionOffsets>,
     next_epoch: u64,
+    /// Final positions of revoked partitions whose commit the coordinator
+    /// refused, kept until the next assignment: if a partition comes back
+    /// to this member, it can still commit what it did.
+    unsettled: std::collections::HashMap<TopicPartition, i64>,
 }
 
 #[derive(Debug)]
@@ -300,14 +304,59 @@ impl OffsetTracker {
         out
     }
 
-    /// Stops tracking a revoked partition; returns its final position if it
-    /// moved since the last commit. Later completions for it are ignored.
+    /// Stops tracking a revoked partition; returns its final position. Later
+    /// completions for it are ignored.
     ///
-    /// The position is returned even if it was committed before: an earlier
-    /// asynchronous commit may have failed (a rebalance in progress rejects
-    /// it), and the commit on revoke is the last chance to get it right.
-    pub fn revoke(&mut self, tp: &TopicPartition) -> Option<i64> {
+    /// Only the assignment with this `epoch` is revoked: a revoke served
+    /// late, after the partition was assigned again, leaves the new
+    /// assignment alone. The position is returned even if it was committed
+    /// before: an earlier asynchronous commit may have failed (a rebalance
+    /// in progress rejects it), and the commit on revoke is the last chance
+    /// to get it right.
+    pub fn revoke(&mut self, tp: &TopicPartition, epoch: u64) -> Option<i64> {
+        if self.partitions.get(tp)?.epoch != epoch {
+            return None;
+        }
         self.partitions.remove(tp)?.position()
+    }
+
+    /// Keeps the final positions of revoked partitions whose commit was
+    /// refused (see [`take_unsettled`]).
+    ///
+    /// [`take_unsettled`]: OffsetTracker::take_unsettled
+    pub fn keep_unsettled(&mut self, positions: &[(TopicPartition, i64)]) {
+        for (tp, pos) in positions {
+            self.unsettled.insert(tp.clone(), *pos);
+        }
+    }
+
+    /// At an assignment: the unsettled positions of the partitions assigned,
+    /// to resume from if the group has not committed further meanwhile. The
+    /// others are forgotten: their new owners re-process from the last
+    /// commit.
+    pub fn take_unsettled(&mut self, assigned: &[TopicPartition]) -> Vec<(TopicPartition, i64)> {
+        let kept = std::mem::take(&mut self.unsettled);
+        kept.into_iter()
+            .filter(|(tp, _)| assigned.contains(tp))
+            .collect()
+    }
+
+    /// Whether revoke commits were refused and no assignment came since.
+    pub fn has_unsettled(&self) -> bool {
+        !self.unsettled.is_empty()
+    }
+
+    /// Starts a freshly assigned partition at `position`: everything before
+    /// it was done by this member under an earlier assignment, and the next
+    /// commit says so. Messages before it that arrive again still count as
+    /// outstanding until they are done.
+    pub fn resume_from(&mut self, tp: &TopicPartition, position: i64) {
+        if let Some(p) = self.partitions.get_mut(tp) {
+            if p.received_end.is_none() {
+                p.received_end = Some(position);
+                p.committed = None;
+            }
+        }
     }
 
     /// Stops tracking a partition released on close; returns its position
@@ -403,7 +452,7 @@ mod offset_tests {
         t.done(&tp(0), 0, e);
         t.done(&tp(0), 1, e);
         assert_eq!(t.outstanding(&tp(0)), 2);
-        assert_eq!(t.revoke(&tp(0)), Some(2));
+        assert_eq!(t.revoke(&tp(0), e), Some(2));
         // Offset 2 finishes after the revoke: ignored, nothing to commit.
         assert!(!t.done(&tp(0), 2, e));
         assert!(t.take_commits().is_empty());
@@ -428,8 +477,8 @@ mod offset_tests {
         assert_eq!(t.positions(), vec![(tp(0), 1)]);
         t.forget_commits();
         assert_eq!(t.take_commits(), vec![(tp(0), 1)]);
-        assert_eq!(t.revoke(&tp(0)), Some(1));
-        assert_eq!(t.revoke(&tp(0)), None, "not owned any more");
+        assert_eq!(t.revoke(&tp(0), e), Some(1));
+        assert_eq!(t.revoke(&tp(0), e), None, "not owned any more");
         assert!(t.positions().is_empty());
     }
 
@@ -457,6 +506,51 @@ mod offset_tests {
     }
 
     #[test]
+    fn a_late_revoke_leaves_a_newer_assignment_alone() {
+        let mut t = OffsetTracker::new();
+        let e1 = t.assign(tp(0));
+        t.received(&tp(0), 0);
+        // Revoked, and assigned again before the revoke was served.
+        let e2 = t.assign(tp(0));
+        assert_eq!(t.revoke(&tp(0), e1), None);
+        assert_eq!(t.owned(), vec![tp(0)]);
+        t.received(&tp(0), 5);
+        assert!(t.done(&tp(0), 5, e2));
+        assert_eq!(t.revoke(&tp(0), e2), Some(6));
+    }
+
+    #[test]
+    fn a_refused_revoke_commit_is_resumed_if_the_partition_comes_back() {
+        let mut t = OffsetTracker::new();
+        let e = t.assign(tp(0));
+        t.assign(tp(1));
+        for o in 0..10 {
+            t.received(&tp(0), o);
+            t.done(&tp(0), o, e);
+        }
+        let revoked = vec![(tp(0), t.revoke(&tp(0), e).expect("position"))];
+        t.keep_unsettled(&revoked);
+        t.keep_unsettled(&[(tp(2), 4)]);
+        assert!(t.has_unsettled());
+        // The next assignment gives partition 0 back, not partition 2.
+        t.assign(tp(0));
+        assert_eq!(t.take_unsettled(&[tp(0)]), vec![(tp(0), 10)]);
+        assert!(!t.has_unsettled(), "partition 2 went elsewhere: forgotten");
+        t.resume_from(&tp(0), 10);
+        assert_eq!(t.take_commits(), vec![(tp(0), 10)]);
+        // The group's committed offset was 7: 7, 8, 9 arrive again.
+        let e2 = t.epoch(&tp(0)).expect("owned");
+        for o in 7..12 {
+            t.received(&tp(0), o);
+        }
+        assert!(t.take_commits().is_empty(), "never backwards");
+        for o in 7..12 {
+            t.done(&tp(0), o, e2);
+        }
+        assert_eq!(t.take_commits(), vec![(tp(0), 12)]);
+    }
+
+    #[test]
     fn received_since_assign_counts_per_assignment() {
         let mut t = OffsetTracker::new();
         assert_eq!(t.received_since_assign(&tp(0)), 0, "not owned");
@@ -477,7 +571,7 @@ mod offset_tests {
         t.done(&tp(0), 40, e);
         t.take_commits();
         assert_eq!(t.received_since_assign(&tp(0)), 3);
-        t.revoke(&tp(0));
+        t.revoke(&tp(0), e);
         assert_eq!(t.received_since_assign(&tp(0)), 0, "revoked");
         t.assign(tp(0));
         t.received(&tp(0), 43);

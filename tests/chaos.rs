@@ -484,13 +484,7 @@ async fn kafka_kill9_at_random_moments_loses_and_doubles_nothing() {
 
     // A killed member holds its partitions until its session times out:
     // keep that short, as the whole group waits for it.
-    let config = std::env::temp_dir().join(format!("{}.toml", env.name));
-    std::fs::write(
-        &config,
-        "[kafka.properties]\n\"session.timeout.ms\" = \"3000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
-    )
-    .expect("write the config file");
-    let config = config.display().to_string();
+    let config = common::kafka_daemon_config_file(&env);
     let vars = [
         ("CONVEYOR_CONFIG", config.as_str()),
         ("CONVEYOR__SOURCE__KIND", "kafka"),

@@ -51,8 +51,13 @@ fn committed_and_end(brokers: &str, group: &str, topic: &str) -> Vec<(i64, i64)>
     offsets
 }
 
+/// Environment of a child daemon consuming `topic`.
 fn kafka_env(env: &Env, brokers: &str, topic: &str) -> Vec<(String, String)> {
     vec![
+        (
+            "CONVEYOR_CONFIG".into(),
+            common::kafka_daemon_config_file(env),
+        ),
         ("CONVEYOR__SOURCE__KIND".into(), "kafka".into()),
         ("CONVEYOR__KAFKA__BROKERS".into(), brokers.into()),
         (
@@ -297,9 +302,15 @@ async fn two_daemons_share_the_group_one_stops_another_joins_under_load() {
     }
     assert_eq!(env.rows().await, n as i64);
     assert_eq!(env.check_ledger().await, n as usize);
-    for (committed, end) in committed_and_end(&brokers, &format!("{}-group", env.name), &topic) {
-        assert_eq!(committed, end);
-    }
+    let offsets = committed_and_end(&brokers, &format!("{}-group", env.name), &topic);
+    assert!(
+        offsets.iter().all(|(committed, end)| committed == end),
+        "committed offsets at the log end, per partition (committed, end): {offsets:?}\n\
+         a's log:\n{}\nb's log:\n{}\nc's log:\n{}",
+        a.log_text(),
+        b.log_text(),
+        c.log_text()
+    );
     env.cleanup().await;
 }
 

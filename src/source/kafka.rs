@@ -8,13 +8,20 @@
 //! final positions synchronously before the partitions are released.
 //!
 //! Rebalances: librdkafka runs the rebalance callback on the thread polling
-//! the consumer (our intake task, inside `recv()`). On revoke the callback
-//! sends the revoked partitions to the settlement loop with a reply channel
-//! and waits: the settlement loop lets their in-flight orders finish (up to
-//! `kafka.revoke_timeout`), stops tracking them, and replies with their final
-//! positions, which the callback commits synchronously before returning. No
-//! lock is held across the wait; intake is naturally stopped because it is
-//! the one blocked in the callback.
+//! the consumer (the intake task, inside `recv()`). On revoke the callback
+//! sends the revoked partitions to the settlement loop, which runs on a task
+//! of its own, with a reply channel and waits: the settlement loop lets
+//! their in-flight orders finish (up to `kafka.revoke_timeout`), stops
+//! tracking them, and replies with their final positions, which the callback
+//! commits synchronously before returning. No lock is held across the wait;
+//! intake is naturally stopped because it is the one blocked in the callback.
+//! A revoke commit the coordinator refuses is kept: if the partition comes
+//! back to this member, it resumes from that position.
+//!
+//! Shutdown: intake stops taking messages but keeps polling the consumer
+//! until the final commit is in, so that a rebalance started meanwhile (a
+//! member leaving: several pods stopped at once) can complete; the
+//! coordinator refuses commits while it waits for members to rejoin.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,15 +62,18 @@ pub enum KafkaSourceError {
     },
     #[error("kafka: fatal client error {code:?}: {reason}")]
     Fatal { code: String, reason: String },
+    #[error("kafka: the intake task failed: {0}")]
+    Intake(String),
 }
 
 fn client(what: &'static str) -> impl FnOnce(KafkaError) -> KafkaSourceError {
     move |source| KafkaSourceError::Client { what, source }
 }
 
-/// A revoke waiting for the settlement loop.
+/// A revoke waiting for the settlement loop: the partitions with the epoch
+/// of the assignment being revoked.
 struct Revoke {
-    partitions: Vec<TopicPartition>,
+    partitions: Vec<(TopicPartition, u64)>,
     reply: std::sync::mpsc::SyncSender<Vec<(TopicPartition, i64)>>,
 }
 
@@ -75,6 +85,46 @@ pub struct KafkaContext {
     /// Set when an asynchronous commit was rejected (e.g. during a
     /// rebalance): the next periodic commit then resends every position.
     commit_failed: Arc<AtomicBool>,
+}
+
+impl KafkaContext {
+    /// Resumes newly assigned partitions from the positions this member
+    /// could not commit when they were revoked, unless the group committed
+    /// further meanwhile (another member owned them in between).
+    fn resume_unsettled(&self, consumer: &BaseConsumer<Self>, assigned: &[TopicPartition]) {
+        let unsettled = match self.tracker.lock() {
+            Ok(mut t) => t.take_unsettled(assigned),
+            Err(_) => return,
+        };
+        if unsettled.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), _) in &unsettled {
+            tpl.add_partition(topic, *partition);
+        }
+        let committed = match consumer.committed_offsets(tpl, self.revoke_timeout) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, ?unsettled,
+                    "cannot read the group's offsets; re-processing from the last commit");
+                return;
+            }
+        };
+        let Ok(mut t) = self.tracker.lock() else {
+            return;
+        };
+        for (tp, pos) in unsettled {
+            let group = committed
+                .find_partition(&tp.0, tp.1)
+                .and_then(|e| e.offset().to_raw());
+            if group.is_none_or(|c| c < pos) {
+                t.resume_from(&tp, pos);
+                tracing::info!(partition = ?tp, position = pos, group_offset = ?group,
+                    "resuming from the position whose commit was refused at the last revoke");
+            }
+        }
+    }
 }
 
 impl ClientContext for KafkaContext {}
@@ -115,15 +165,23 @@ impl ConsumerContext for KafkaContext {
                     }
                 }
                 tracing::info!(partitions = ?parts, "partitions assigned");
+                self.resume_unsettled(consumer, &parts);
             }
             Rebalance::Revoke(tpl) => {
                 let parts = partitions_of(tpl);
                 tracing::info!(partitions = ?parts, "partitions revoked; finishing their in-flight orders");
+                let owned: Vec<(TopicPartition, u64)> = match self.tracker.lock() {
+                    Ok(t) => parts
+                        .iter()
+                        .filter_map(|tp| t.epoch(tp).map(|e| (tp.clone(), e)))
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
                 let (reply, answer) = std::sync::mpsc::sync_channel(1);
                 if self
                     .revokes
                     .send(Revoke {
-                        partitions: parts.clone(),
+                        partitions: owned,
                         reply,
                     })
                     .is_err()
@@ -150,8 +208,8 @@ impl ConsumerContext for KafkaContext {
                 }
                 let wait = self.revoke_timeout + Duration::from_secs(1);
                 let receive = || answer.recv_timeout(wait);
-                // Let the runtime move other tasks off this worker while it
-                // blocks (the only way on a multi-thread runtime).
+                // Let the runtime move other tasks (the settlement loop
+                // among them) off this worker while it blocks.
                 let positions =
                     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
                         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
@@ -164,7 +222,11 @@ impl ConsumerContext for KafkaContext {
                         match consumer.commit(&tpl_of(&positions), CommitMode::Sync) {
                             Ok(()) => tracing::info!(?positions, "committed revoked partitions"),
                             Err(e) => {
-                                tracing::error!(error = %e, "commit on revoke failed; the next owner re-processes from the last commit")
+                                tracing::warn!(error = %e, ?positions,
+                                    "commit on revoke refused; kept in case the partitions come back, else their next owner re-processes from the last commit");
+                                if let Ok(mut t) = self.tracker.lock() {
+                                    t.keep_unsettled(&positions);
+                                }
                             }
                         }
                     }
@@ -265,20 +327,28 @@ impl KafkaSource {
         settlements: mpsc::UnboundedReceiver<Settlement>,
         stop_intake: CancellationToken,
     ) -> Result<(), KafkaSourceError> {
-        let intake = intake(
-            &self.consumer,
-            &self.tracker,
+        // Intake on a task of its own: the revoke callback it runs blocks
+        // until the settlement loop (this task) answers.
+        let closing = CancellationToken::new();
+        let intake = tokio::spawn(intake(
+            self.consumer.clone(),
+            self.tracker.clone(),
             self.prefetch,
             permits,
             deliveries,
             stop_intake,
-            &self.metrics,
-        );
+            closing.clone(),
+            self.metrics.clone(),
+        ));
         // The settlement loop owns the revoke receiver; a closed stand-in
         // stays in `self`.
         let mut revokes = std::mem::replace(&mut self.revokes, mpsc::unbounded_channel().1);
-        let settle = settle(&self, settlements, &mut revokes);
-        let (intake_result, ()) = tokio::join!(intake, settle);
+        settle(&self, settlements, &mut revokes).await;
+        closing.cancel();
+        let intake_result = match intake.await {
+            Ok(r) => r,
+            Err(e) => Err(KafkaSourceError::Intake(e.to_string())),
+        };
         Health::set(&self.health.broker_connected, false);
         // Closing the consumer may revoke: nobody answers, we committed.
         drop(revokes);
@@ -324,14 +394,16 @@ fn is_consumer_only(key: &str) -> bool {
         || key.starts_with("isolation.")
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn intake(
-    consumer: &KafkaConsumer,
-    tracker: &Mutex<OffsetTracker>,
+    consumer: Arc<KafkaConsumer>,
+    tracker: Arc<Mutex<OffsetTracker>>,
     prefetch: u64,
     permits: Arc<Semaphore>,
     deliveries: mpsc::Sender<Delivery>,
     stop: CancellationToken,
-    metrics: &Arc<Metrics>,
+    closing: CancellationToken,
+    metrics: Arc<Metrics>,
 ) -> Result<(), KafkaSourceError> {
     let mut topics: HashMap<String, Arc<str>> = HashMap::new();
     let outcome = loop {
@@ -419,7 +491,7 @@ async fn intake(
                     epoch,
                 },
                 _permit: permit,
-                _held: Held::new(metrics),
+                _held: Held::new(&metrics),
             },
         };
         drop(m);
@@ -427,11 +499,48 @@ async fn intake(
             break Ok(());
         }
     };
+    drop(deliveries);
     match &outcome {
         Ok(()) => tracing::info!("intake stopped"),
-        Err(e) => tracing::error!(error = %e, "intake failed"),
+        Err(e) => {
+            tracing::error!(error = %e, "intake failed");
+            return outcome;
+        }
     }
-    outcome
+    serve_rebalances(&consumer, &closing).await
+}
+
+/// After intake stopped and until the source closes: polls the consumer so
+/// that librdkafka can run a rebalance (its callbacks run inside `recv()`),
+/// else this member could neither rejoin nor commit until the group evicts
+/// it. Messages are not processed: not tracked, their offsets are never
+/// committed by this member.
+async fn serve_rebalances(
+    consumer: &KafkaConsumer,
+    closing: &CancellationToken,
+) -> Result<(), KafkaSourceError> {
+    // Paused partitions stop fetching; a partition assigned from now on is
+    // fetched and its messages dropped.
+    if let Ok(assigned) = consumer.assignment() {
+        if let Err(e) = consumer.pause(&assigned) {
+            tracing::debug!(error = %e, "cannot pause the assignment");
+        }
+    }
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = closing.cancelled() => return Ok(()),
+            m = consumer.recv() => m,
+        };
+        if msg.is_err() {
+            if let Some((code, reason)) = consumer.client().fatal_error() {
+                return Err(KafkaSourceError::Fatal {
+                    code: format!("{code:?}"),
+                    reason,
+                });
+            }
+        }
+    }
 }
 
 /// Marks completions in the tracker, produces dead letters, commits
@@ -503,7 +612,8 @@ async fn settle(
                 Ok(t) => r
                     .partitions
                     .iter()
-                    .map(|tp| t.outstanding(tp))
+                    .filter(|(tp, e)| t.epoch(tp) == Some(*e))
+                    .map(|(tp, _)| t.outstanding(tp))
                     .sum::<usize>(),
                 Err(_) => 0,
             };
@@ -515,7 +625,7 @@ async fn settle(
             }
         }
     }
-    final_commit(src).await;
+    final_commit(src, revokes).await;
     if let Some(t) = lag_task {
         let _ = t.await;
     }
@@ -526,42 +636,79 @@ async fn settle(
 ///
 /// The group coordinator refuses commits while a rebalance is in progress
 /// (another member just left or joined): retry with jittered backoff for up
-/// to `kafka.revoke_timeout`. If it still fails, the revoke that closing the
+/// to `kafka.revoke_timeout`, serving the revokes that rebalance brings
+/// meanwhile (intake keeps polling, so this member takes part in it). A
+/// revoke whose commit was refused leaves its positions unsettled: wait, as
+/// long, for the rebalance to end, as it may give those partitions back to
+/// commit them. If the commit still fails, the revoke that closing the
 /// consumer triggers commits the same positions from the rebalance callback.
-async fn final_commit(src: &KafkaSource) {
-    let positions = match src.tracker.lock() {
-        Ok(mut t) => t.positions(),
-        Err(_) => Vec::new(),
-    };
-    if positions.is_empty() {
-        return;
-    }
+async fn final_commit(src: &KafkaSource, revokes: &mut mpsc::UnboundedReceiver<Revoke>) {
     let deadline = tokio::time::Instant::now() + src.cfg.revoke_timeout;
     let mut backoff = FullJitter::doubling(FINAL_COMMIT_RETRY_INITIAL, FINAL_COMMIT_RETRY_MAX);
-    let tpl = tpl_of(&positions);
+    let mut revokes_open = true;
+    let mut committed: Vec<(TopicPartition, i64)> = Vec::new();
     loop {
-        let consumer = src.consumer.clone();
-        let attempt = tpl.clone();
-        let result =
-            tokio::task::spawn_blocking(move || consumer.commit(&attempt, CommitMode::Sync)).await;
-        let error = match result {
-            Ok(Ok(())) => {
-                tracing::info!(?positions, "final offsets committed");
-                return;
-            }
-            Ok(Err(e)) => e.to_string(),
-            Err(e) => e.to_string(),
+        // Again at every attempt: a rebalance may have taken partitions
+        // away or given back one to resume.
+        let (mut positions, unsettled) = match src.tracker.lock() {
+            Ok(mut t) => (t.positions(), t.has_unsettled()),
+            Err(_) => (Vec::new(), false),
         };
+        positions.sort();
+        let mut refused = None;
+        if !positions.is_empty() && positions != committed {
+            let consumer = src.consumer.clone();
+            let attempt = tpl_of(&positions);
+            let result =
+                tokio::task::spawn_blocking(move || consumer.commit(&attempt, CommitMode::Sync))
+                    .await;
+            match result {
+                Ok(Ok(())) => {
+                    tracing::info!(?positions, "final offsets committed");
+                    committed = positions;
+                }
+                Ok(Err(e)) => refused = Some(e.to_string()),
+                Err(e) => refused = Some(e.to_string()),
+            }
+        }
+        if refused.is_none() && !unsettled {
+            return;
+        }
         let wait = backoff.next_wait();
         if tokio::time::Instant::now() + wait >= deadline {
-            tracing::error!(error = %error, "final commit failed; committing again when the partitions are released");
-            if let Ok(mut t) = src.tracker.lock() {
-                t.forget_commits();
+            match refused {
+                Some(error) => {
+                    tracing::error!(error = %error, "final commit failed; committing again when the partitions are released");
+                    if let Ok(mut t) = src.tracker.lock() {
+                        t.forget_commits();
+                    }
+                }
+                None => tracing::warn!(
+                    "the rebalance did not give back the partitions whose revoke commit was refused; their next owner re-processes from the last commit"
+                ),
             }
             return;
         }
-        tracing::warn!(error = %error, retry_in = ?wait, "final commit refused; retrying");
-        tokio::time::sleep(wait).await;
+        match &refused {
+            Some(error) => {
+                tracing::warn!(error = %error, retry_in = ?wait, "final commit refused; retrying")
+            }
+            None => tracing::debug!(
+                retry_in = ?wait,
+                "waiting for the rebalance to give back partitions to commit"
+            ),
+        }
+        let retry_at = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(retry_at) => break,
+                r = revokes.recv(), if revokes_open => match r {
+                    // Nothing is in flight any more: answer at once.
+                    Some(r) => finish_revoke(src, r),
+                    None => revokes_open = false,
+                },
+            }
+        }
     }
 }
 
@@ -577,11 +724,11 @@ fn finish_revoke(src: &KafkaSource, r: Revoke) {
         Ok(mut t) => r
             .partitions
             .iter()
-            .filter_map(|tp| t.revoke(tp).map(|pos| (tp.clone(), pos)))
+            .filter_map(|(tp, e)| t.revoke(tp, *e).map(|pos| (tp.clone(), pos)))
             .collect(),
         Err(_) => Vec::new(),
     };
-    for (topic, partition) in &r.partitions {
+    for ((topic, partition), _) in &r.partitions {
         let _ = src
             .metrics
             .kafka_lag

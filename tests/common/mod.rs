@@ -693,6 +693,20 @@ pub async fn kafka_produce(
         .expect("produce");
 }
 
+/// A configuration file for child daemons on the mock cluster: a short
+/// session timeout, since the mock holds every rebalance for about
+/// `session.timeout.ms` and a killed member keeps its partitions that long.
+/// Returns its path, for `CONVEYOR_CONFIG`.
+pub fn kafka_daemon_config_file(env: &Env) -> String {
+    let file = std::env::temp_dir().join(format!("{}-kafka.toml", env.name));
+    std::fs::write(
+        &file,
+        "[kafka.properties]\n\"session.timeout.ms\" = \"3000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
+    )
+    .expect("write the daemon's configuration file");
+    file.display().to_string()
+}
+
 /// (committed offset, log end) of partitions `0..partitions` of a topic for
 /// a group, read from the broker; -1 where nothing is committed. Empty when
 /// the broker cannot be asked.
