@@ -21,6 +21,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{LogConfig, LogFormat};
 
+/// The `event` label values of `conveyor_kafka_rebalance_events_total`.
+pub const REBALANCE_EVENTS: [&str; 5] = [
+    "assigned",
+    "revoked",
+    "revoke_timeout",
+    "revoke_commit_refused",
+    "resumed",
+];
+
 /// Every metric conveyor exports, prefixed `conveyor_`.
 pub struct Metrics {
     pub registry: Registry,
@@ -39,6 +48,7 @@ pub struct Metrics {
     pub end_to_end: Histogram,
     pub ready: IntGauge,
     pub kafka_lag: IntGaugeVec,
+    pub kafka_rebalance: IntCounterVec,
     pub broker_errors: IntCounterVec,
     pub rabbitmq_queue: IntGaugeVec,
     pub circuit_state: IntGaugeVec,
@@ -195,6 +205,13 @@ impl Metrics {
                 ),
                 &["topic", "partition"],
             )?,
+            kafka_rebalance: IntCounterVec::new(
+                Opts::new(
+                    "kafka_rebalance_events_total",
+                    "Consumer-group rebalance events: partitions assigned, revoked, revokes whose in-flight orders outlived kafka.revoke_timeout, revoke commits the coordinator refused, partitions resumed from such a refused commit.",
+                ),
+                &["event"],
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.received.clone()))?;
@@ -216,6 +233,7 @@ impl Metrics {
         m.registry.register(Box::new(m.end_to_end.clone()))?;
         m.registry.register(Box::new(m.ready.clone()))?;
         m.registry.register(Box::new(m.kafka_lag.clone()))?;
+        m.registry.register(Box::new(m.kafka_rebalance.clone()))?;
         m.registry.register(Box::new(m.broker_errors.clone()))?;
         m.registry.register(Box::new(m.rabbitmq_queue.clone()))?;
         m.registry.register(Box::new(m.circuit_state.clone()))?;
@@ -241,6 +259,9 @@ impl Metrics {
             .with_label_values(&["rabbitmq", "reconnect_failed"]);
         m.broker_errors
             .with_label_values(&["kafka", "consumer_error"]);
+        for event in REBALANCE_EVENTS {
+            m.kafka_rebalance.with_label_values(&[event]);
+        }
         for stage in ["validate", "charge"] {
             m.stage_in_flight.with_label_values(&[stage]);
             m.stage_duration.with_label_values(&[stage]);

@@ -70,6 +70,26 @@ fn kafka_env(env: &Env, brokers: &str, topic: &str) -> Vec<(String, String)> {
     ]
 }
 
+/// Rebalance events of a member, read from its metrics.
+async fn rebalance_events(addr: std::net::SocketAddr, event: &str) -> f64 {
+    metric(
+        addr,
+        &format!("conveyor_kafka_rebalance_events_total{{event=\"{event}\"}}"),
+    )
+    .await
+    .unwrap_or_else(|| panic!("rebalance metric {event} exported"))
+}
+
+/// The revoke barrier held: every revoke's in-flight orders finished within
+/// `kafka.revoke_timeout` (the downstream answers fast in these tests).
+async fn assert_revokes_waited(who: &str, addr: std::net::SocketAddr) {
+    assert_eq!(
+        rebalance_events(addr, "revoke_timeout").await,
+        0.0,
+        "{who}: a revoke gave up on in-flight orders"
+    );
+}
+
 async fn run_in_process(
     config: Config,
     until: impl Fn(
@@ -285,6 +305,7 @@ async fn two_daemons_share_the_group_one_stops_another_joins_under_load() {
                 > 0.0
     })
     .await;
+    assert_revokes_waited("a", a.http).await;
     a.signal(libc::SIGTERM);
     produce(&brokers, &topic, &gen, 6_000..9_000).await;
     let (code, _) = a.wait(Duration::from_secs(30)).await;
@@ -295,6 +316,12 @@ async fn two_daemons_share_the_group_one_stops_another_joins_under_load() {
         env.rows().await == n as i64
     })
     .await;
+    assert_revokes_waited("b", b.http).await;
+    assert_revokes_waited("c", c.http).await;
+    assert!(
+        rebalance_events(b.http, "revoked").await >= 2.0,
+        "b saw a leave and took part in c's join"
+    );
     for d in [&mut b, &mut c] {
         d.signal(libc::SIGTERM);
         let (code, _) = d.wait(Duration::from_secs(30)).await;
@@ -364,6 +391,7 @@ async fn cooperative_sticky_rebalances_lose_and_double_nothing() {
                 > 0.0
     })
     .await;
+    assert_revokes_waited("a", a.addr).await;
     let report_a = a.stop().await;
     assert!(report_a.drained);
     let c = InProcess::start(config()).await;
@@ -372,6 +400,8 @@ async fn cooperative_sticky_rebalances_lose_and_double_nothing() {
         env.rows().await == n as i64
     })
     .await;
+    assert_revokes_waited("b", b.addr).await;
+    assert_revokes_waited("c", c.addr).await;
     let (rb, rc) = (b.stop().await, c.stop().await);
     println!(
         "cooperative: a acked {}, b {}, c {}",

@@ -85,9 +85,17 @@ pub struct KafkaContext {
     /// Set when an asynchronous commit was rejected (e.g. during a
     /// rebalance): the next periodic commit then resends every position.
     commit_failed: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
 }
 
 impl KafkaContext {
+    fn count(&self, event: &str, partitions: usize) {
+        self.metrics
+            .kafka_rebalance
+            .with_label_values(&[event])
+            .inc_by(partitions as u64);
+    }
+
     /// Resumes newly assigned partitions from the positions this member
     /// could not commit when they were revoked, unless the group committed
     /// further meanwhile (another member owned them in between).
@@ -120,6 +128,7 @@ impl KafkaContext {
                 .and_then(|e| e.offset().to_raw());
             if group.is_none_or(|c| c < pos) {
                 t.resume_from(&tp, pos);
+                self.count("resumed", 1);
                 tracing::info!(partition = ?tp, position = pos, group_offset = ?group,
                     "resuming from the position whose commit was refused at the last revoke");
             }
@@ -165,11 +174,13 @@ impl ConsumerContext for KafkaContext {
                     }
                 }
                 tracing::info!(partitions = ?parts, "partitions assigned");
+                self.count("assigned", parts.len());
                 self.resume_unsettled(consumer, &parts);
             }
             Rebalance::Revoke(tpl) => {
                 let parts = partitions_of(tpl);
                 tracing::info!(partitions = ?parts, "partitions revoked; finishing their in-flight orders");
+                self.count("revoked", parts.len());
                 let owned: Vec<(TopicPartition, u64)> = match self.tracker.lock() {
                     Ok(t) => parts
                         .iter()
@@ -224,6 +235,7 @@ impl ConsumerContext for KafkaContext {
                             Err(e) => {
                                 tracing::warn!(error = %e, ?positions,
                                     "commit on revoke refused; kept in case the partitions come back, else their next owner re-processes from the last commit");
+                                self.count("revoke_commit_refused", positions.len());
                                 if let Ok(mut t) = self.tracker.lock() {
                                     t.keep_unsettled(&positions);
                                 }
@@ -270,6 +282,7 @@ impl KafkaSource {
             revokes: revokes_tx,
             revoke_timeout: cfg.revoke_timeout,
             commit_failed: commit_failed.clone(),
+            metrics: metrics.clone(),
         };
         let mut consumer_cfg = ClientConfig::new();
         consumer_cfg
@@ -597,6 +610,10 @@ async fn settle(
             _ = sleep_until_opt(revoke_deadline) => {
                 tracing::warn!("revoke timeout: unfinished orders of revoked partitions go to their next owner");
                 if let Some((r, _)) = pending_revoke.take() {
+                    metrics
+                        .kafka_rebalance
+                        .with_label_values(&["revoke_timeout"])
+                        .inc_by(r.partitions.len() as u64);
                     finish_revoke(src, r);
                 }
             },
@@ -607,7 +624,7 @@ async fn settle(
                 }
             },
         }
-        if let Some((r, _)) = pending_revoke.take() {
+        if let Some((r, deadline)) = pending_revoke.take() {
             let busy = match src.tracker.lock() {
                 Ok(t) => r
                     .partitions
@@ -620,7 +637,6 @@ async fn settle(
             if busy == 0 {
                 finish_revoke(src, r);
             } else {
-                let deadline = revoke_deadline.unwrap_or_else(tokio::time::Instant::now);
                 pending_revoke = Some((r, deadline));
             }
         }
