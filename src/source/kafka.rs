@@ -89,6 +89,28 @@ pub struct KafkaContext {
 }
 
 impl KafkaContext {
+    /// A revoke after the settlement loop has ended (the consumer is
+    /// closing): what is done is final, so commit what was not committed
+    /// yet here, inside the rebalance, where the coordinator accepts it even
+    /// if the final commit was refused.
+    fn release(&self, consumer: &BaseConsumer<Self>, parts: &[TopicPartition]) {
+        let positions: Vec<_> = match self.tracker.lock() {
+            Ok(mut t) => parts
+                .iter()
+                .filter_map(|tp| t.release(tp).map(|pos| (tp.clone(), pos)))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if positions.is_empty() {
+            return;
+        }
+        match consumer.commit(&tpl_of(&positions), CommitMode::Sync) {
+            Ok(()) => tracing::info!(?positions, "committed released partitions"),
+            Err(e) => tracing::error!(error = %e, ?positions,
+                "commit on close failed; the next owner re-processes from the last commit"),
+        }
+    }
+
     fn count(&self, event: &str, partitions: usize) {
         self.metrics
             .kafka_rebalance
@@ -197,24 +219,7 @@ impl ConsumerContext for KafkaContext {
                     })
                     .is_err()
                 {
-                    // Settlement has ended (the consumer is closing): what
-                    // is done is final, so commit it here, inside the
-                    // rebalance, where the coordinator accepts it even if
-                    // the final commit was refused.
-                    let positions: Vec<_> = match self.tracker.lock() {
-                        Ok(mut t) => parts
-                            .iter()
-                            .filter_map(|tp| t.release(tp).map(|pos| (tp.clone(), pos)))
-                            .collect(),
-                        Err(_) => Vec::new(),
-                    };
-                    if !positions.is_empty() {
-                        match consumer.commit(&tpl_of(&positions), CommitMode::Sync) {
-                            Ok(()) => tracing::info!(?positions, "committed released partitions"),
-                            Err(e) => tracing::error!(error = %e, ?positions,
-                                "commit on close failed; the next owner re-processes from the last commit"),
-                        }
-                    }
+                    self.release(consumer, &parts);
                     return;
                 }
                 let wait = self.revoke_timeout + Duration::from_secs(1);
@@ -243,7 +248,13 @@ impl ConsumerContext for KafkaContext {
                         }
                     }
                     Ok(_) => {}
-                    Err(_) => tracing::error!("revoke barrier timed out"),
+                    // The settlement loop ended before serving it.
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        self.release(consumer, &parts)
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        tracing::error!("revoke barrier timed out")
+                    }
                 }
             }
             Rebalance::Error(e) => tracing::error!(error = %e, "rebalance error"),
@@ -357,14 +368,15 @@ impl KafkaSource {
         // stays in `self`.
         let mut revokes = std::mem::replace(&mut self.revokes, mpsc::unbounded_channel().1);
         settle(&self, settlements, &mut revokes).await;
+        // From here a revoke is answered by the callback itself (see
+        // `KafkaContext::release`), and intake stops polling.
+        drop(revokes);
         closing.cancel();
         let intake_result = match intake.await {
             Ok(r) => r,
             Err(e) => Err(KafkaSourceError::Intake(e.to_string())),
         };
         Health::set(&self.health.broker_connected, false);
-        // Closing the consumer may revoke: nobody answers, we committed.
-        drop(revokes);
         let consumer = self.consumer.clone();
         drop(self);
         let _ = tokio::task::spawn_blocking(move || {
