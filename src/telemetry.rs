@@ -269,6 +269,14 @@ impl Metrics {
         Ok(m)
     }
 
+    /// Counts a rebalance event (one of [`REBALANCE_EVENTS`]) for this many
+    /// partitions.
+    pub fn rebalance_event(&self, event: &str, partitions: usize) {
+        self.kafka_rebalance
+            .with_label_values(&[event])
+            .inc_by(partitions as u64);
+    }
+
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let encoder = TextEncoder::new();

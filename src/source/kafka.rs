@@ -111,13 +111,6 @@ impl KafkaContext {
         }
     }
 
-    fn count(&self, event: &str, partitions: usize) {
-        self.metrics
-            .kafka_rebalance
-            .with_label_values(&[event])
-            .inc_by(partitions as u64);
-    }
-
     /// Resumes newly assigned partitions from the positions this member
     /// could not commit when they were revoked, unless the group committed
     /// further meanwhile (another member owned them in between).
@@ -150,7 +143,7 @@ impl KafkaContext {
                 .and_then(|e| e.offset().to_raw());
             if group.is_none_or(|c| c < pos) {
                 t.resume_from(&tp, pos);
-                self.count("resumed", 1);
+                self.metrics.rebalance_event("resumed", 1);
                 tracing::info!(partition = ?tp, position = pos, group_offset = ?group,
                     "resuming from the position whose commit was refused at the last revoke");
             }
@@ -196,13 +189,13 @@ impl ConsumerContext for KafkaContext {
                     }
                 }
                 tracing::info!(partitions = ?parts, "partitions assigned");
-                self.count("assigned", parts.len());
+                self.metrics.rebalance_event("assigned", parts.len());
                 self.resume_unsettled(consumer, &parts);
             }
             Rebalance::Revoke(tpl) => {
                 let parts = partitions_of(tpl);
                 tracing::info!(partitions = ?parts, "partitions revoked; finishing their in-flight orders");
-                self.count("revoked", parts.len());
+                self.metrics.rebalance_event("revoked", parts.len());
                 let owned: Vec<(TopicPartition, u64)> = match self.tracker.lock() {
                     Ok(t) => parts
                         .iter()
@@ -240,7 +233,8 @@ impl ConsumerContext for KafkaContext {
                             Err(e) => {
                                 tracing::warn!(error = %e, ?positions,
                                     "commit on revoke refused; kept in case the partitions come back, else their next owner re-processes from the last commit");
-                                self.count("revoke_commit_refused", positions.len());
+                                self.metrics
+                                    .rebalance_event("revoke_commit_refused", positions.len());
                                 if let Ok(mut t) = self.tracker.lock() {
                                     t.keep_unsettled(&positions);
                                 }
@@ -450,11 +444,8 @@ async fn intake(
         let m = match msg {
             Ok(m) => m,
             Err(e) => {
-                if let Some((code, reason)) = consumer.client().fatal_error() {
-                    break Err(KafkaSourceError::Fatal {
-                        code: format!("{code:?}"),
-                        reason,
-                    });
+                if let Some(fatal) = fatal_error(&consumer) {
+                    break Err(fatal);
                 }
                 tracing::warn!(error = %e, "kafka consumer error");
                 metrics
@@ -535,6 +526,17 @@ async fn intake(
     serve_rebalances(&consumer, &closing).await
 }
 
+/// The client's fatal error, if it has one: the consumer cannot go on.
+fn fatal_error(consumer: &KafkaConsumer) -> Option<KafkaSourceError> {
+    consumer
+        .client()
+        .fatal_error()
+        .map(|(code, reason)| KafkaSourceError::Fatal {
+            code: format!("{code:?}"),
+            reason,
+        })
+}
+
 /// After intake stopped and until the source closes: polls the consumer so
 /// that librdkafka can run a rebalance (its callbacks run inside `recv()`),
 /// else this member could neither rejoin nor commit until the group evicts
@@ -558,11 +560,8 @@ async fn serve_rebalances(
             m = consumer.recv() => m,
         };
         if msg.is_err() {
-            if let Some((code, reason)) = consumer.client().fatal_error() {
-                return Err(KafkaSourceError::Fatal {
-                    code: format!("{code:?}"),
-                    reason,
-                });
+            if let Some(fatal) = fatal_error(consumer) {
+                return Err(fatal);
             }
         }
     }
@@ -622,10 +621,7 @@ async fn settle(
             _ = sleep_until_opt(revoke_deadline) => {
                 tracing::warn!("revoke timeout: unfinished orders of revoked partitions go to their next owner");
                 if let Some((r, _)) = pending_revoke.take() {
-                    metrics
-                        .kafka_rebalance
-                        .with_label_values(&["revoke_timeout"])
-                        .inc_by(r.partitions.len() as u64);
+                    metrics.rebalance_event("revoke_timeout", r.partitions.len());
                     finish_revoke(src, r);
                 }
             },
