@@ -1,11 +1,19 @@
 //! The order: what a message must hold, and the strict decoding that turns
-//! raw bytes into an [`Order`] or a [`Poison`] reason. Pure, no I/O.
+//! raw bytes into a [`Decoded`] order or a [`Poison`] reason. Pure, no I/O.
 //!
-//! Unknown fields are allowed and kept: the stored payload is the message's
-//! own bytes, not a re-serialisation.
+//! Decoding decides storability before any side effect: the stored payload
+//! is the message's *canonical* JSON (see [`canonical`]), which is the text
+//! PostgreSQL's `jsonb` prints for it and which SQLite stores unchanged —
+//! unknown fields included, key order, whitespace, duplicate keys and number
+//! notation normalised. A message that either database could not hold is
+//! poison here, not a database error after the charge. The original bytes
+//! are kept only in dead letters.
+
+mod canonical;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 /// Longest accepted `order_id`, `customer_id` or `sku`, in bytes.
 pub const MAX_ID_BYTES: usize = 128;
@@ -49,6 +57,9 @@ pub enum PoisonKind {
     AmountMismatch,
     UnknownCurrency,
     InvalidField,
+    /// Valid JSON that the store cannot hold: a lone surrogate escape, an
+    /// escaped NUL, a number outside PostgreSQL `numeric`'s range.
+    Unstorable,
 }
 
 impl PoisonKind {
@@ -63,6 +74,7 @@ impl PoisonKind {
             PoisonKind::AmountMismatch => "amount_mismatch",
             PoisonKind::UnknownCurrency => "unknown_currency",
             PoisonKind::InvalidField => "invalid_field",
+            PoisonKind::Unstorable => "unstorable",
         }
     }
 }
@@ -100,8 +112,53 @@ pub fn is_known_currency(code: &str) -> bool {
     CURRENCIES.binary_search(&code).is_ok()
 }
 
-/// Decodes and checks one message body.
+/// An accepted order with the payload the store holds for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decoded {
+    pub order: Order,
+    /// canonical JSON text (UTF-8) the store holds
+    pub payload: bytes::Bytes,
+    pub digest: Digest,
+}
+
+/// SHA-256 of a canonical payload: identifies an order's contents when its
+/// `order_id` comes again.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    pub fn of(payload: &[u8]) -> Digest {
+        Digest(Sha256::digest(payload).into())
+    }
+
+    /// 64 lowercase hex characters.
+    pub fn to_hex(&self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push(char::from(HEX[usize::from(b >> 4)]));
+            s.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        s
+    }
+}
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Decodes and checks one message body; the order only.
 pub fn decode(body: &[u8], max_bytes: usize) -> Result<Order, Poison> {
+    decode_canonical(body, max_bytes).map(|d| d.order)
+}
+
+/// Decodes and checks one message body: the order, its canonical payload
+/// (at most twice `max_bytes`) and the payload's digest, or why it is
+/// poison. Everything the store will hold has been checked when this
+/// returns `Ok`.
+pub fn decode_canonical(body: &[u8], max_bytes: usize) -> Result<Decoded, Poison> {
     if body.is_empty() {
         return Err(poison(PoisonKind::Empty, "message body is empty"));
     }
@@ -117,15 +174,11 @@ pub fn decode(body: &[u8], max_bytes: usize) -> Result<Order, Poison> {
             format!("invalid UTF-8 at byte {}", e.valid_up_to()),
         )
     })?;
-    check_depth(body)?;
-    // PostgreSQL's jsonb cannot hold U+0000; refuse it here with a clear
-    // reason rather than failing the batch that would carry it.
-    if text.contains("\\u0000") {
-        return Err(poison(
-            PoisonKind::InvalidField,
-            "payload contains an escaped NUL character (\\u0000)",
-        ));
-    }
+    // Syntax, depth and storability of every value, in one pass that also
+    // writes the canonical text; only then the typed read of the known
+    // fields (the depth is bounded by now, and duplicate known fields are
+    // serde's `schema` error).
+    let payload = canonical::canonicalize(text, max_bytes.saturating_mul(2))?;
     let order: Order = serde_json::from_str(text).map_err(|e| {
         let kind = match e.classify() {
             serde_json::error::Category::Data => PoisonKind::Schema,
@@ -134,47 +187,18 @@ pub fn decode(body: &[u8], max_bytes: usize) -> Result<Order, Poison> {
         poison(kind, e.to_string())
     })?;
     check(&order)?;
-    Ok(order)
+    let digest = Digest::of(&payload);
+    Ok(Decoded {
+        order,
+        payload: bytes::Bytes::from(payload),
+        digest,
+    })
 }
 
 /// Deepest nesting of arrays and objects accepted. Orders are shallow; a
 /// deep document is an attack or a bug, and the database's JSON parser has
 /// its own, lower, stack limit.
 pub const MAX_DEPTH: usize = 32;
-
-/// Refuses documents nested deeper than [`MAX_DEPTH`] with one linear scan,
-/// before any parser recurses.
-fn check_depth(body: &[u8]) -> Result<(), Poison> {
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in body {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > MAX_DEPTH {
-                    return Err(poison(
-                        PoisonKind::MalformedJson,
-                        format!("nested deeper than {MAX_DEPTH} levels"),
-                    ));
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    Ok(())
-}
 
 fn check_id(field: &str, value: &str) -> Result<(), Poison> {
     if value.is_empty() {
@@ -321,7 +345,10 @@ mod tests {
                 &GOOD.replace("\"c-1\"", "\"c-1\",\"customer_id\":\"c-2\""),
                 PoisonKind::Schema,
             ),
-            (&GOOD.replace("web", "\\u0000"), PoisonKind::InvalidField),
+            (&GOOD.replace("web", "\\u0000"), PoisonKind::Unstorable),
+            (&GOOD.replace("web", "\\ud800"), PoisonKind::Unstorable),
+            (&GOOD.replace("\"web\"", "1e131072"), PoisonKind::Unstorable),
+            (&GOOD.replace("o-1", "o-1\\u0000"), PoisonKind::Unstorable),
             (
                 &GOOD.replace(
                     "\"qty\":1,\"unit_price_cents\":4599",
@@ -344,6 +371,62 @@ mod tests {
         let mut bad = GOOD.as_bytes().to_vec();
         bad[20] = 0xff;
         assert_eq!(kind(&bad), PoisonKind::InvalidUtf8);
+    }
+
+    #[test]
+    fn the_payload_is_canonical_and_digested() {
+        let d = decode_canonical(GOOD.as_bytes(), 64 * 1024).expect("valid");
+        assert_eq!(
+            std::str::from_utf8(&d.payload).expect("UTF-8"),
+            r#"{"items": [{"qty": 1, "sku": "A-1", "unit_price_cents": 4599}], "channel": "web", "currency": "EUR", "order_id": "o-1", "created_at": "2026-11-22T10:00:00Z", "customer_id": "c-1", "amount_cents": 4599}"#
+        );
+        assert_eq!(d.digest, Digest::of(&d.payload));
+        let again = decode_canonical(&d.payload, 64 * 1024).expect("canonical text decodes");
+        assert_eq!(again, d, "canonicalising is idempotent");
+        let hex = d.digest.to_hex();
+        assert_eq!(hex.len(), 64);
+        assert!(hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        assert_eq!(d.digest.to_string(), hex);
+        assert_eq!(
+            Digest::of(b"abc").to_hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn a_backslash_before_u0000_is_text() {
+        let body = GOOD.replace("web", "\\\\u0000");
+        let d = decode_canonical(body.as_bytes(), 64 * 1024).expect("legal text");
+        assert!(std::str::from_utf8(&d.payload)
+            .expect("UTF-8")
+            .contains(r#""channel": "\\u0000""#));
+        let id = GOOD.replace("o-1", "o-1\\\\u0000");
+        let o = decode(id.as_bytes(), 64 * 1024).expect("legal id");
+        assert_eq!(o.order_id, "o-1\\u0000");
+    }
+
+    #[test]
+    fn unknown_duplicates_keep_the_last_known_duplicates_are_poison() {
+        let body = GOOD.replace("\"web\"", "\"web\",\"channel\":\"app\"");
+        let d = decode_canonical(body.as_bytes(), 64 * 1024).expect("valid");
+        let text = std::str::from_utf8(&d.payload).expect("UTF-8");
+        assert!(
+            text.contains(r#""channel": "app""#) && !text.contains("web"),
+            "{text}"
+        );
+        let body = GOOD.replace("\"qty\":1", "\"qty\":1,\"qty\":1");
+        assert_eq!(kind(body.as_bytes()), PoisonKind::Schema);
+    }
+
+    #[test]
+    fn a_canonical_form_past_twice_the_limit_is_too_large() {
+        let body = GOOD.replace("\"web\"", "1e4000");
+        let p = decode_canonical(body.as_bytes(), 2048).expect_err("too large");
+        assert_eq!(p.kind, PoisonKind::TooLarge);
+        assert!(p.detail.contains("$.channel"), "{}", p.detail);
+        decode_canonical(body.as_bytes(), 4096).expect("fits in twice 4096");
     }
 
     #[test]

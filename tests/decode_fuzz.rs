@@ -110,7 +110,7 @@ fn the_corpus_gets_the_expected_answers() {
             }
             "overflow" => Some(PoisonKind::InvalidAmount),
             "invalid-utf8" => Some(PoisonKind::InvalidUtf8),
-            "nul-escape" => Some(PoisonKind::InvalidField),
+            "nul-escape" => Some(PoisonKind::Unstorable),
             "huge-array" => Some(PoisonKind::InvalidField),
             "lowercase-currency" => Some(PoisonKind::UnknownCurrency),
             other => panic!("corpus file {other} has no expected answer here"),
