@@ -60,10 +60,13 @@ impl Default for SourceConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RabbitConfig {
-    /// AMQP URI without credentials, e.g. `amqp://127.0.0.1:5672/%2f`.
+    /// AMQP URI without credentials, e.g. `amqp://127.0.0.1:5672/%2f`
+    /// (`amqps://` for TLS). Credentials in it are overridden by `username`
+    /// and `password`, and redacted wherever the URL is shown.
+    #[serde(serialize_with = "serialize_redacted_url")]
     pub url: String,
     pub username: String,
     /// Secret: prefer `CONVEYOR__RABBITMQ__PASSWORD` or `password_file`.
@@ -99,6 +102,34 @@ impl Default for RabbitConfig {
     }
 }
 
+impl fmt::Debug for RabbitConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured so that a new field cannot be left out unseen.
+        let Self {
+            url,
+            username,
+            password,
+            password_file,
+            queue,
+            dead_letter_exchange,
+            dead_letter_queue,
+            declare,
+            consumer_tag,
+        } = self;
+        f.debug_struct("RabbitConfig")
+            .field("url", &redact_url(url))
+            .field("username", username)
+            .field("password", password)
+            .field("password_file", password_file)
+            .field("queue", queue)
+            .field("dead_letter_exchange", dead_letter_exchange)
+            .field("dead_letter_queue", dead_letter_queue)
+            .field("declare", declare)
+            .field("consumer_tag", consumer_tag)
+            .finish()
+    }
+}
+
 impl RabbitConfig {
     pub fn dead_letter_queue(&self) -> String {
         if self.dead_letter_queue.is_empty() {
@@ -109,7 +140,7 @@ impl RabbitConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`.
@@ -136,7 +167,9 @@ pub struct KafkaConfig {
     /// with the prefetch limit, what bounds memory whatever the lag.
     pub fetch_queue_kbytes: u32,
     /// Any librdkafka property, passed through (TLS, SASL, timeouts…).
-    /// Values of keys naming a password, secret or key are redacted.
+    /// Wherever the configuration is shown, the value of every key naming a
+    /// password, secret, token, credential, key material or a `*.config`
+    /// (`sasl.oauthbearer.config`) is redacted.
     #[serde(serialize_with = "serialize_redacted_properties")]
     pub properties: std::collections::BTreeMap<String, String>,
 }
@@ -157,6 +190,37 @@ impl Default for KafkaConfig {
     }
 }
 
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured so that a new field cannot be left out unseen.
+        let Self {
+            brokers,
+            group_id,
+            topics,
+            dead_letter_topic,
+            commit_interval,
+            revoke_timeout,
+            lag_interval,
+            fetch_queue_kbytes,
+            properties,
+        } = self;
+        f.debug_struct("KafkaConfig")
+            .field("brokers", brokers)
+            .field("group_id", group_id)
+            .field("topics", topics)
+            .field("dead_letter_topic", dead_letter_topic)
+            .field("commit_interval", commit_interval)
+            .field("revoke_timeout", revoke_timeout)
+            .field("lag_interval", lag_interval)
+            .field("fetch_queue_kbytes", fetch_queue_kbytes)
+            .field(
+                "properties",
+                &redacted_properties(properties).collect::<std::collections::BTreeMap<_, _>>(),
+            )
+            .finish()
+    }
+}
+
 impl KafkaConfig {
     pub fn dead_letter_topic(&self, topic: &str) -> String {
         if self.dead_letter_topic.is_empty() {
@@ -167,25 +231,22 @@ impl KafkaConfig {
     }
 }
 
-fn is_secret_property(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    k.contains("password") || k.contains("secret") || k.ends_with(".key") || k.contains("key.pem")
-}
-
 fn serialize_redacted_properties<S: Serializer>(
     props: &std::collections::BTreeMap<String, String>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
-    use serde::ser::SerializeMap;
-    let mut map = s.serialize_map(Some(props.len()))?;
-    for (k, v) in props {
-        if is_secret_property(k) {
-            map.serialize_entry(k, "[redacted]")?;
-        } else {
-            map.serialize_entry(k, v)?;
-        }
-    }
-    map.end()
+    s.collect_map(redacted_properties(props))
+}
+
+/// `kafka.properties` as they may be shown: the value of every key that
+/// names a secret ([`is_secret_name`]) replaced by `[redacted]`.
+pub fn redacted_properties(
+    props: &std::collections::BTreeMap<String, String>,
+) -> impl Iterator<Item = (&str, &str)> + '_ {
+    props.iter().map(|(k, v)| {
+        let shown = if is_secret_name(k) { REDACTED } else { v };
+        (k.as_str(), shown)
+    })
 }
 
 #[derive(Clone, Deserialize, Serialize)]
@@ -193,7 +254,8 @@ fn serialize_redacted_properties<S: Serializer>(
 pub struct DatabaseConfig {
     /// `postgres://user@host:port/db`, or `sqlite://FILE` (`sqlite:FILE`)
     /// for SQLite, whose file is created if missing. A PostgreSQL password in
-    /// the URL works but is better given through `password` / `password_file`.
+    /// the URL (userinfo or `?password=`) works but is better given through
+    /// `password` / `password_file`; it is redacted wherever the URL is shown.
     #[serde(serialize_with = "serialize_redacted_url")]
     pub url: String,
     /// Secret: prefer `CONVEYOR__DATABASE__PASSWORD` or `password_file`.
@@ -210,13 +272,22 @@ pub struct DatabaseConfig {
 
 impl fmt::Debug for DatabaseConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured so that a new field cannot be left out unseen.
+        let Self {
+            url,
+            password,
+            password_file,
+            max_connections,
+            migrate_on_start,
+            acquire_timeout,
+        } = self;
         f.debug_struct("DatabaseConfig")
-            .field("url", &redact_url(&self.url))
-            .field("password", &self.password)
-            .field("password_file", &self.password_file)
-            .field("max_connections", &self.max_connections)
-            .field("migrate_on_start", &self.migrate_on_start)
-            .field("acquire_timeout", &self.acquire_timeout)
+            .field("url", &redact_url(url))
+            .field("password", password)
+            .field("password_file", password_file)
+            .field("max_connections", max_connections)
+            .field("migrate_on_start", migrate_on_start)
+            .field("acquire_timeout", acquire_timeout)
             .finish()
     }
 }
@@ -285,11 +356,14 @@ impl Default for BatchConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DownstreamConfig {
-    /// Base URL; the rule engine answers `POST /validate`, the payment
-    /// provider `POST /charges`.
+    /// Base URL, `http[s]://HOST[:PORT][/PATH]`; the rule engine answers
+    /// `POST /validate`, the payment provider `POST /charges`. Userinfo
+    /// (`https://user:password@host`) is sent as basic auth and its password
+    /// redacted wherever the URL is shown.
+    #[serde(serialize_with = "serialize_redacted_url")]
     pub url: String,
     /// Timeout of one attempt, connect included.
     #[serde(with = "humantime_serde")]
@@ -309,6 +383,26 @@ impl Default for DownstreamConfig {
             retry: RetryConfig::default(),
             breaker: BreakerConfig::default(),
         }
+    }
+}
+
+impl fmt::Debug for DownstreamConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Destructured so that a new field cannot be left out unseen.
+        let Self {
+            url,
+            timeout,
+            pool_max_idle,
+            retry,
+            breaker,
+        } = self;
+        f.debug_struct("DownstreamConfig")
+            .field("url", &redact_url(url))
+            .field("timeout", timeout)
+            .field("pool_max_idle", pool_max_idle)
+            .field("retry", retry)
+            .field("breaker", breaker)
+            .finish()
     }
 }
 
@@ -474,23 +568,209 @@ fn serialize_redacted_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Er
     s.serialize_str(&redact_url(url))
 }
 
-/// Hides the password of a `scheme://user:password@host` URL.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match (authority.rfind('@'), authority.find(':')) {
-        (Some(at), Some(colon)) if colon < at => format!(
-            "{}{}:[redacted]{}",
-            &url[..scheme_end + 3],
-            &authority[..colon],
-            &url[scheme_end + 3 + at..]
-        ),
-        _ => url.to_string(),
+/// What stands in for a secret wherever the configuration is shown.
+pub const REDACTED: &str = "[redacted]";
+
+/// Whether a name — a `kafka.properties` key, a URL query parameter — names
+/// a secret whose value must never be shown: a password, passphrase, secret,
+/// token or credential, key material (`ssl.key.pem`, `…private.key.pem`), or
+/// a `*.config` that can carry any of them (`sasl.oauthbearer.config`,
+/// `sasl.jaas.config`). A path to a file (`*.location`, `*.file`) is not the
+/// secret it holds and stays visible.
+pub fn is_secret_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    let words: Vec<&str> = name
+        .split(['.', '_', '-'])
+        .filter(|w| !w.is_empty())
+        .collect();
+    let last = words.last().copied().unwrap_or_default();
+    if matches!(last, "location" | "file" | "path" | "dir") {
+        return false;
     }
+    const PARTS: [&str; 7] = [
+        "password",
+        "passwd",
+        "passphrase",
+        "secret",
+        "token",
+        "credential",
+        "apikey",
+    ];
+    PARTS.iter().any(|p| name.contains(p))
+        || words
+            .iter()
+            .any(|w| matches!(*w, "key" | "pwd" | "pass" | "jaas" | "auth"))
+        || last == "config"
+}
+
+/// The URL as it may be shown: the password of its userinfo
+/// (`scheme://user:password@host`, basic auth in a downstream URL) and the
+/// value of every query parameter that names a secret (`?password=`,
+/// `?sslpassword=`) replaced by `[redacted]`. A value that does not parse as
+/// a URL has everything before its last `@` and its whole query hidden, since
+/// its parts cannot be told apart.
+pub fn redact_url(raw: &str) -> String {
+    use url::Position;
+
+    let Ok(url) = url::Url::parse(raw) else {
+        return redact_unparsed_url(raw);
+    };
+    let query = url.query().map(redact_query);
+    if url.password().is_none() && query.as_deref() == url.query() {
+        return raw.to_string();
+    }
+    let mut shown = match url.password() {
+        Some(_) => format!(
+            "{}{REDACTED}{}",
+            &url[..Position::BeforePassword],
+            &url[Position::AfterPassword..Position::AfterPath]
+        ),
+        None => url[..Position::AfterPath].to_string(),
+    };
+    if let Some(q) = query {
+        shown.push('?');
+        shown.push_str(&q);
+    }
+    shown.push_str(&url[Position::AfterQuery..]);
+    shown
+}
+
+/// A query string with the values of its secret-naming parameters redacted;
+/// everything else is kept byte for byte.
+fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|pair| {
+            let raw_key = pair.split_once('=').map_or(pair, |(k, _)| k);
+            let key = url::form_urlencoded::parse(raw_key.as_bytes())
+                .next()
+                .map(|(k, _)| k.into_owned())
+                .unwrap_or_default();
+            if is_secret_name(&key) {
+                format!("{raw_key}={REDACTED}")
+            } else {
+                pair.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn redact_unparsed_url(raw: &str) -> String {
+    let (base, query) = match raw.split_once('?') {
+        Some((base, _)) => (base, Some(REDACTED)),
+        None => (raw, None),
+    };
+    let mut shown = match base.rfind('@') {
+        Some(at) => {
+            let start = base.find("://").map_or(0, |i| i + 3).min(at);
+            format!("{}{REDACTED}{}", &base[..start], &base[at..])
+        }
+        None => base.to_string(),
+    };
+    if let Some(q) = query {
+        shown.push('?');
+        shown.push_str(q);
+    }
+    shown
+}
+
+/// Every secret a configuration holds, to hide them in text the daemon does
+/// not compose itself — a library's error that quotes the value it refused —
+/// before that text is printed: the last line of defence behind redaction.
+#[derive(Clone, Default)]
+pub struct Scrubber {
+    /// Longest first, so that a secret containing another is hidden whole.
+    secrets: Vec<Secret>,
+}
+
+impl Scrubber {
+    /// `text` with every secret replaced by `[redacted]`.
+    pub fn scrub(&self, text: &str) -> String {
+        self.secrets.iter().fold(text.to_string(), |text, secret| {
+            text.replace(secret.expose(), REDACTED)
+        })
+    }
+}
+
+impl Config {
+    pub fn scrubber(&self) -> Scrubber {
+        let mut secrets: Vec<String> = Vec::new();
+        for (key, inline, file) in [
+            (
+                "database.password",
+                &self.database.password,
+                &self.database.password_file,
+            ),
+            (
+                "rabbitmq.password",
+                &self.rabbitmq.password,
+                &self.rabbitmq.password_file,
+            ),
+        ] {
+            secrets.extend(inline.iter().map(|s| s.expose().to_string()));
+            if let Ok(Some(s)) = resolve_secret(key, &None, file) {
+                secrets.push(s.expose().to_string());
+            }
+        }
+        for raw in [
+            &self.database.url,
+            &self.rabbitmq.url,
+            &self.rule_engine.url,
+            &self.payment.url,
+        ] {
+            secrets.extend(url_secrets(raw));
+        }
+        secrets.extend(
+            self.kafka
+                .properties
+                .iter()
+                .filter(|(k, _)| is_secret_name(k))
+                .map(|(_, v)| v.clone()),
+        );
+        secrets.retain(|s| !s.is_empty());
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        Scrubber {
+            secrets: secrets.into_iter().map(Secret::new).collect(),
+        }
+    }
+}
+
+/// The secret parts of a URL, raw and percent-decoded (a library may quote
+/// either).
+fn url_secrets(raw: &str) -> Vec<String> {
+    let Ok(url) = url::Url::parse(raw) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    if let Some(pw) = url.password() {
+        found.push(pw.to_string());
+        if let Ok(decoded) = percent_decode(pw) {
+            found.push(decoded);
+        }
+    }
+    for (k, v) in url.query_pairs() {
+        if is_secret_name(&k) {
+            found.push(v.into_owned());
+        }
+    }
+    if let Some(q) = url.query() {
+        for pair in q.split('&') {
+            if let Some((k, v)) = pair.split_once('=') {
+                if is_secret_name(k) {
+                    found.push(v.to_string());
+                }
+            }
+        }
+    }
+    found
+}
+
+fn percent_decode(s: &str) -> Result<String, std::str::Utf8Error> {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(|d| d.into_owned())
 }
 
 /// One problem with the configuration, naming the key at fault.
@@ -568,12 +848,19 @@ impl Config {
                 self.source.max_message_bytes
             ),
         );
+        // Checked whatever the source: `conveyor produce` uses them too, and
+        // a value that cannot work is better refused before it is needed.
+        if let Err(e) = check_kafka_brokers(&self.kafka.brokers) {
+            check(false, "kafka.brokers", e);
+        }
+        for (key, d, max) in [
+            ("kafka.commit_interval", self.kafka.commit_interval, HOUR),
+            ("kafka.revoke_timeout", self.kafka.revoke_timeout, HOUR),
+            ("kafka.lag_interval", self.kafka.lag_interval, HOUR),
+        ] {
+            check_duration(&mut check, key, d, max);
+        }
         if self.source.kind == SourceKind::Kafka {
-            check(
-                !self.kafka.brokers.is_empty(),
-                "kafka.brokers",
-                "must not be empty".into(),
-            );
             check(
                 !self.kafka.group_id.is_empty(),
                 "kafka.group_id",
@@ -583,11 +870,6 @@ impl Config {
                 !self.kafka.topics.is_empty() && self.kafka.topics.iter().all(|t| !t.is_empty()),
                 "kafka.topics",
                 "must list at least one non-empty topic".into(),
-            );
-            check(
-                !self.kafka.commit_interval.is_zero(),
-                "kafka.commit_interval",
-                "must be positive".into(),
             );
             check(
                 (64..=2_097_151).contains(&self.kafka.fetch_queue_kbytes),
@@ -608,24 +890,12 @@ impl Config {
             "rabbitmq.queue",
             "must not be empty".into(),
         );
-        check(
-            self.rabbitmq.url.starts_with("amqp://") || self.rabbitmq.url.starts_with("amqps://"),
-            "rabbitmq.url",
-            format!(
-                "must start with amqp:// or amqps://, got {:?}",
-                redact_url(&self.rabbitmq.url)
-            ),
-        );
-        check(
-            self.database.url.starts_with("postgres://")
-                || self.database.url.starts_with("postgresql://")
-                || self.database.url.starts_with("sqlite:"),
-            "database.url",
-            format!(
-                "must start with postgres://, postgresql:// or sqlite:, got {:?}",
-                redact_url(&self.database.url)
-            ),
-        );
+        if let Err(e) = check_rabbitmq_url(&self.rabbitmq.url) {
+            check(false, "rabbitmq.url", e);
+        }
+        if let Err(e) = check_database_url(&self.database.url) {
+            check(false, "database.url", e);
+        }
         check(
             (1..=1024).contains(&self.database.max_connections),
             "database.max_connections",
@@ -638,6 +908,12 @@ impl Config {
                 "must be at least batch.writers ({}), got {}",
                 self.batch.writers, self.database.max_connections
             ),
+        );
+        check_duration(
+            &mut check,
+            "database.acquire_timeout",
+            self.database.acquire_timeout,
+            HOUR,
         );
         for (key, value) in [
             (
@@ -661,53 +937,69 @@ impl Config {
             "batch.max_size",
             format!("must be in 1..=10000, got {}", self.batch.max_size),
         );
-        check(
-            !self.batch.max_wait.is_zero() && self.batch.max_wait <= Duration::from_secs(60),
+        check_duration(
+            &mut check,
             "batch.max_wait",
-            format!(
-                "must be in 1ms..=60s, got {}",
-                humantime::format_duration(self.batch.max_wait)
-            ),
+            self.batch.max_wait,
+            Duration::from_secs(60),
         );
         check(
             (1..=64).contains(&self.batch.writers),
             "batch.writers",
             format!("must be in 1..=64, got {}", self.batch.writers),
         );
-        check(
-            !self.batch.retry_initial_interval.is_zero()
-                && self.batch.retry_initial_interval <= self.batch.retry_max_interval,
+        check_duration(
+            &mut check,
             "batch.retry_initial_interval",
-            "must be positive and at most batch.retry_max_interval".into(),
+            self.batch.retry_initial_interval,
+            HOUR,
+        );
+        check_duration(
+            &mut check,
+            "batch.retry_max_interval",
+            self.batch.retry_max_interval,
+            HOUR,
+        );
+        check(
+            self.batch.retry_initial_interval <= self.batch.retry_max_interval,
+            "batch.retry_initial_interval",
+            "must be at most batch.retry_max_interval".into(),
         );
         for (name, d) in [
             ("rule_engine", &self.rule_engine),
             ("payment", &self.payment),
         ] {
-            check(
-                d.url.starts_with("http://") || d.url.starts_with("https://"),
-                &format!("{name}.url"),
-                format!("must start with http:// or https://, got {:?}", d.url),
-            );
-            check(
-                !d.timeout.is_zero(),
-                &format!("{name}.timeout"),
-                "must be positive".into(),
-            );
-            check(
-                !d.retry.initial_interval.is_zero(),
+            if let Err(e) = check_downstream_url(&d.url) {
+                check(false, &format!("{name}.url"), e);
+            }
+            check_duration(&mut check, &format!("{name}.timeout"), d.timeout, HOUR);
+            check_duration(
+                &mut check,
                 &format!("{name}.retry.initial_interval"),
-                "must be positive".into(),
+                d.retry.initial_interval,
+                HOUR,
             );
             check(
                 d.retry.multiplier >= 1.0 && d.retry.multiplier <= 10.0,
                 &format!("{name}.retry.multiplier"),
                 format!("must be in 1.0..=10.0, got {}", d.retry.multiplier),
             );
+            check_duration(
+                &mut check,
+                &format!("{name}.retry.max_interval"),
+                d.retry.max_interval,
+                HOUR,
+            );
             check(
                 d.retry.max_interval >= d.retry.initial_interval,
                 &format!("{name}.retry.max_interval"),
                 "must be at least retry.initial_interval".into(),
+            );
+            check_duration(
+                &mut check,
+                &format!("{name}.retry.max_elapsed"),
+                d.retry.max_elapsed,
+                DAY,
             );
             let b = &d.breaker;
             check(
@@ -731,25 +1023,33 @@ impl Config {
                     b.window, b.min_calls
                 ),
             );
-            check(
-                b.open_for >= Duration::from_millis(1) && b.open_for <= Duration::from_secs(3600),
+            check_duration(
+                &mut check,
                 &format!("{name}.breaker.open_for"),
-                format!(
-                    "must be in 1ms..=1h, got {}",
-                    humantime::format_duration(b.open_for)
-                ),
+                b.open_for,
+                HOUR,
             );
             check(
                 (1..=1_000).contains(&b.half_open_probes),
                 &format!("{name}.breaker.half_open_probes"),
                 format!("must be in 1..=1000, got {}", b.half_open_probes),
             );
+            check_duration(
+                &mut check,
+                &format!("{name}.breaker.not_ready_after"),
+                b.not_ready_after,
+                DAY,
+            );
         }
-        check(
-            !self.shutdown.drain_timeout.is_zero(),
+        check_duration(
+            &mut check,
             "shutdown.drain_timeout",
-            "must be positive".into(),
+            self.shutdown.drain_timeout,
+            HOUR,
         );
+        if let Err(e) = check_log_filter(&self.log.level) {
+            check(false, "log.level", e);
+        }
         if errors.is_empty() {
             Ok(())
         } else {
@@ -761,6 +1061,182 @@ impl Config {
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// A duration that must be positive (zero would spin, give up at once or
+/// never wait) and bounded (so that a deadline computed from it stays
+/// representable and an absurd value is caught).
+fn check_duration(
+    check: &mut impl FnMut(bool, &str, String),
+    key: &str,
+    d: Duration,
+    max: Duration,
+) {
+    check(
+        (Duration::from_millis(1)..=max).contains(&d),
+        key,
+        format!(
+            "must be in 1ms..={}, got {}",
+            humantime::format_duration(max),
+            humantime::format_duration(d)
+        ),
+    );
+}
+
+/// Parses a configured URL and checks what any of them needs: no whitespace
+/// or control character (the parser would drop some silently), a scheme
+/// from `schemes`, a host unless `host_optional`, and a port in 1..=65535
+/// when one is given. The error says what is wrong, for a message that
+/// also gives the allowed form and the value, redacted.
+fn parse_url(raw: &str, schemes: &[&str], host_optional: bool) -> Result<url::Url, String> {
+    if raw.is_empty() {
+        return Err("it is empty".into());
+    }
+    if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("it contains whitespace or a control character".into());
+    }
+    let url = url::Url::parse(raw).map_err(|e| e.to_string())?;
+    if !schemes.contains(&url.scheme()) {
+        return Err(format!("scheme {:?} is not allowed", url.scheme()));
+    }
+    if !host_optional && url.host_str().is_none_or(str::is_empty) {
+        return Err("no host".into());
+    }
+    if url.port() == Some(0) {
+        return Err("port 0".into());
+    }
+    Ok(url)
+}
+
+/// "must be FORM, got VALUE: WHY", the value redacted.
+fn url_error(form: &str, raw: &str, why: impl fmt::Display) -> String {
+    format!("must be {form}, got {:?}: {why}", redact_url(raw))
+}
+
+/// `rule_engine.url`, `payment.url`: a base URL the request path is
+/// appended to.
+fn check_downstream_url(raw: &str) -> Result<(), String> {
+    const FORM: &str = "an http:// or https:// base URL with a host, \
+                        http[s]://HOST[:PORT][/PATH] (port in 1..=65535)";
+    let url = parse_url(raw, &["http", "https"], false).map_err(|e| url_error(FORM, raw, e))?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(url_error(
+            FORM,
+            raw,
+            "it has a ?query or #fragment, which the request path cannot follow",
+        ));
+    }
+    Ok(())
+}
+
+fn check_rabbitmq_url(raw: &str) -> Result<(), String> {
+    const FORM: &str = "amqp://HOST[:PORT][/VHOST] or amqps://… (port in 1..=65535)";
+    parse_url(raw, &["amqp", "amqps"], false).map_err(|e| url_error(FORM, raw, e))?;
+    // What the client itself refuses (e.g. a query parameter it does not
+    // know), in its words.
+    raw.parse::<lapin::uri::AMQPUri>()
+        .map(drop)
+        .map_err(|e| url_error(FORM, raw, e))
+}
+
+fn check_database_url(raw: &str) -> Result<(), String> {
+    use std::str::FromStr as _;
+    const FORM: &str = "postgres://[USER@]HOST[:PORT]/DATABASE (or postgresql://; \
+                        port in 1..=65535), sqlite:FILE or sqlite://FILE";
+    if let Some(rest) = raw.strip_prefix("sqlite:") {
+        let file = rest.trim_start_matches("//");
+        if file.split('?').next().is_none_or(str::is_empty) {
+            return Err(url_error(FORM, raw, "no file"));
+        }
+        return sqlx::sqlite::SqliteConnectOptions::from_str(raw)
+            .map(drop)
+            .map_err(|e| url_error(FORM, raw, e));
+    }
+    let url =
+        parse_url(raw, &["postgres", "postgresql"], true).map_err(|e| url_error(FORM, raw, e))?;
+    // No host in the authority is libpq's way to say "the host given in the
+    // query" (`postgres:///db?host=/run/postgresql`, a Unix socket).
+    if url.host_str().is_none_or(str::is_empty) && !url.query_pairs().any(|(k, _)| k == "host") {
+        return Err(url_error(
+            FORM,
+            raw,
+            "no host (give one, or ?host=/socket/directory)",
+        ));
+    }
+    sqlx::postgres::PgConnectOptions::from_str(raw)
+        .map(drop)
+        .map_err(|e| url_error(FORM, raw, e))
+}
+
+/// `kafka.brokers`, librdkafka's `bootstrap.servers`.
+fn check_kafka_brokers(raw: &str) -> Result<(), String> {
+    const FORM: &str = "comma-separated HOST[:PORT] entries (port in 1..=65535), \
+                        each optionally PROTOCOL://HOST[:PORT]";
+    let bad = |why: String| format!("must be {FORM}, got {raw:?}: {why}");
+    if raw.trim().is_empty() {
+        return Err(bad("it is empty".into()));
+    }
+    for entry in raw.split(',').map(str::trim) {
+        if entry.is_empty() {
+            return Err(bad("an empty entry".into()));
+        }
+        // The protocol prefix is librdkafka's, not a URL scheme (`SASL_SSL`
+        // has an underscore): checked here, the rest parsed as a URL's host.
+        let address = match entry.split_once("://") {
+            Some((protocol, address)) => {
+                const PROTOCOLS: [&str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
+                if !PROTOCOLS.contains(&protocol.to_ascii_lowercase().as_str()) {
+                    return Err(bad(format!(
+                        "entry {entry:?}: protocol {protocol:?} is not one of \
+                         PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL"
+                    )));
+                }
+                address
+            }
+            None => entry,
+        };
+        let url = parse_url(&format!("kafka://{address}"), &["kafka"], false)
+            .map_err(|e| bad(format!("entry {entry:?}: {e}")))?;
+        if !url.username().is_empty()
+            || url.password().is_some()
+            || !matches!(url.path(), "" | "/")
+            || url.query().is_some()
+            || url.fragment().is_some()
+        {
+            return Err(bad(format!("entry {entry:?}: only HOST[:PORT] is allowed")));
+        }
+    }
+    Ok(())
+}
+
+/// `log.level`: what `tracing`'s `EnvFilter` accepts, except that a bare
+/// word must be a level: a bare target (`conveyor` for `conveyor=trace`) is
+/// far more often a misspelt level, which would leave the daemon silent.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    use tracing_subscriber::filter::{Directive, EnvFilter, LevelFilter};
+    const FORM: &str = "a tracing filter, comma-separated LEVEL or TARGET=LEVEL directives \
+                        (LEVEL: off, error, warn, info, debug, trace)";
+    let bad = |why: String| format!("must be {FORM}, got {filter:?}: {why}");
+    if filter.trim().is_empty() {
+        return Err(bad("it is empty".into()));
+    }
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        directive
+            .parse::<Directive>()
+            .map_err(|e| bad(format!("{directive:?}: {e}")))?;
+        if !directive.contains(['=', '[']) && directive.parse::<LevelFilter>().is_err() {
+            return Err(bad(format!(
+                "{directive:?} is not a level (for a target write {directive}=LEVEL)"
+            )));
+        }
+    }
+    EnvFilter::builder()
+        .parse(filter)
+        .map(drop)
+        .map_err(|e| bad(e.to_string()))
 }
 
 /// Resolves a secret: the file wins over the inline value.
@@ -927,11 +1403,368 @@ mod tests {
         .expect_err("invalid");
         assert!(
             err.to_string().contains(
-                "database.url: must start with postgres://, postgresql:// or sqlite:, \
-                 got \"mysql://db/conveyor\""
+                "database.url: must be postgres://[USER@]HOST[:PORT]/DATABASE (or postgresql://; \
+                 port in 1..=65535), sqlite:FILE or sqlite://FILE, \
+                 got \"mysql://db/conveyor\": scheme \"mysql\" is not allowed"
             ),
             "{err}"
         );
+    }
+
+    /// The first problem reported for `key` when `var` is set to `value`.
+    fn rejection(var: &str, value: &str) -> String {
+        match Config::load_with_env(None, Some(env(&[(var, value)]))) {
+            Ok(_) => panic!("{var}={value:?} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn urls_that_cannot_work_are_refused_naming_the_key() {
+        for (var, value, want) in [
+            (
+                "CONVEYOR__PAYMENT__URL",
+                "http://",
+                "payment.url: must be an http:// or https:// base URL with a host, \
+                 http[s]://HOST[:PORT][/PATH] (port in 1..=65535), got \"http://\": empty host",
+            ),
+            (
+                "CONVEYOR__PAYMENT__URL",
+                "http://sim:99999",
+                "payment.url: ",
+            ),
+            ("CONVEYOR__PAYMENT__URL", "http://sim:0", "port 0"),
+            (
+                "CONVEYOR__PAYMENT__URL",
+                "http://pay ments:80",
+                "whitespace",
+            ),
+            ("CONVEYOR__PAYMENT__URL", "ftp://sim", "scheme \"ftp\""),
+            ("CONVEYOR__PAYMENT__URL", "sim:8080", "payment.url: "),
+            ("CONVEYOR__PAYMENT__URL", "http://sim/?a=1", "?query"),
+            (
+                "CONVEYOR__RULE_ENGINE__URL",
+                "https://:443",
+                "rule_engine.url: ",
+            ),
+            ("CONVEYOR__RULE_ENGINE__URL", "", "rule_engine.url: "),
+            ("CONVEYOR__RULE_ENGINE__URL", "http://a\tb", "whitespace"),
+            ("CONVEYOR__RABBITMQ__URL", "amqp://", "rabbitmq.url: "),
+            (
+                "CONVEYOR__RABBITMQ__URL",
+                "amqp://rabbit:65536/%2f",
+                "rabbitmq.url: ",
+            ),
+            (
+                "CONVEYOR__RABBITMQ__URL",
+                "amqp://rab bit/%2f",
+                "rabbitmq.url: ",
+            ),
+            (
+                "CONVEYOR__RABBITMQ__URL",
+                "http://rabbit/",
+                "rabbitmq.url: ",
+            ),
+            ("CONVEYOR__DATABASE__URL", "postgres://", "database.url: "),
+            ("CONVEYOR__DATABASE__URL", "postgres:///db", "no host"),
+            (
+                "CONVEYOR__DATABASE__URL",
+                "postgres://db:70000/x",
+                "database.url: ",
+            ),
+            (
+                "CONVEYOR__DATABASE__URL",
+                "postgres://d b/x",
+                "database.url: ",
+            ),
+            (
+                "CONVEYOR__DATABASE__URL",
+                "postgres://db/x?sslmode=sure",
+                "database.url: ",
+            ),
+            ("CONVEYOR__DATABASE__URL", "sqlite:", "no file"),
+            ("CONVEYOR__DATABASE__URL", "sqlite://", "no file"),
+            ("CONVEYOR__KAFKA__BROKERS", "", "kafka.brokers: "),
+            ("CONVEYOR__KAFKA__BROKERS", "k1:9092,", "an empty entry"),
+            (
+                "CONVEYOR__KAFKA__BROKERS",
+                "k1:9092,k2:99999",
+                "entry \"k2:99999\"",
+            ),
+            ("CONVEYOR__KAFKA__BROKERS", "k 1:9092", "kafka.brokers: "),
+            ("CONVEYOR__KAFKA__BROKERS", "k1:0", "port 0"),
+            (
+                "CONVEYOR__KAFKA__BROKERS",
+                "http://k1:9092",
+                "protocol \"http\"",
+            ),
+            ("CONVEYOR__KAFKA__BROKERS", "k1:9092/x", "only HOST[:PORT]"),
+        ] {
+            let text = rejection(var, value);
+            assert!(
+                text.contains(want),
+                "{var}={value:?}: want {want:?} in:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn urls_that_work_still_pass() {
+        for (var, value) in [
+            ("CONVEYOR__PAYMENT__URL", "http://127.0.0.1:8080"),
+            ("CONVEYOR__PAYMENT__URL", "https://pay.example.com/api/v2/"),
+            ("CONVEYOR__PAYMENT__URL", "https://user:pw@pay.example.com"),
+            ("CONVEYOR__RULE_ENGINE__URL", "http://[::1]:65535"),
+            (
+                "CONVEYOR__RABBITMQ__URL",
+                "amqps://rabbit.example.com/orders",
+            ),
+            (
+                "CONVEYOR__RABBITMQ__URL",
+                "amqp://[::1]:5672/%2f?heartbeat=10",
+            ),
+            (
+                "CONVEYOR__DATABASE__URL",
+                "postgres://app@db.example.com:5432/orders?sslmode=verify-full",
+            ),
+            (
+                "CONVEYOR__DATABASE__URL",
+                "postgres:///orders?host=/run/postgresql",
+            ),
+            ("CONVEYOR__DATABASE__URL", "sqlite::memory:"),
+            (
+                "CONVEYOR__KAFKA__BROKERS",
+                "k1:9092, k2:9093,SASL_SSL://k3:9094",
+            ),
+            ("CONVEYOR__KAFKA__BROKERS", "kafka.example.com"),
+        ] {
+            let got = Config::load_with_env(None, Some(env(&[(var, value)])));
+            assert!(
+                got.is_ok(),
+                "{var}={value:?}: {}",
+                got.err().map_or(String::new(), |e| e.to_string())
+            );
+        }
+    }
+
+    #[test]
+    fn url_errors_never_show_the_password() {
+        for (var, value) in [
+            ("CONVEYOR__PAYMENT__URL", "http://u:Pw-Sec1@pay ments"),
+            ("CONVEYOR__DATABASE__URL", "postgres://u:Pw-Sec1@db:99999/x"),
+            (
+                "CONVEYOR__DATABASE__URL",
+                "postgres://u@db:99999/x?password=Pw-Sec1",
+            ),
+            (
+                "CONVEYOR__DATABASE__URL",
+                "postgres://u@db/x?password=Pw-Sec1&sslmode=sure",
+            ),
+            ("CONVEYOR__RABBITMQ__URL", "amqp://u:Pw-Sec1@"),
+        ] {
+            let text = rejection(var, value);
+            assert!(!text.contains("Pw-Sec1"), "{var}: {text}");
+            assert!(text.contains(REDACTED), "{var}: {text}");
+        }
+    }
+
+    #[test]
+    fn durations_that_cannot_work_are_refused_naming_the_key() {
+        for (var, key) in [
+            (
+                "CONVEYOR__PAYMENT__RETRY__MAX_ELAPSED",
+                "payment.retry.max_elapsed",
+            ),
+            (
+                "CONVEYOR__RULE_ENGINE__RETRY__MAX_ELAPSED",
+                "rule_engine.retry.max_elapsed",
+            ),
+            (
+                "CONVEYOR__DATABASE__ACQUIRE_TIMEOUT",
+                "database.acquire_timeout",
+            ),
+            (
+                "CONVEYOR__PAYMENT__BREAKER__NOT_READY_AFTER",
+                "payment.breaker.not_ready_after",
+            ),
+            (
+                "CONVEYOR__RULE_ENGINE__BREAKER__NOT_READY_AFTER",
+                "rule_engine.breaker.not_ready_after",
+            ),
+            ("CONVEYOR__PAYMENT__TIMEOUT", "payment.timeout"),
+            (
+                "CONVEYOR__PAYMENT__RETRY__INITIAL_INTERVAL",
+                "payment.retry.initial_interval",
+            ),
+            ("CONVEYOR__KAFKA__COMMIT_INTERVAL", "kafka.commit_interval"),
+            ("CONVEYOR__KAFKA__REVOKE_TIMEOUT", "kafka.revoke_timeout"),
+            ("CONVEYOR__KAFKA__LAG_INTERVAL", "kafka.lag_interval"),
+            ("CONVEYOR__BATCH__MAX_WAIT", "batch.max_wait"),
+            (
+                "CONVEYOR__BATCH__RETRY_INITIAL_INTERVAL",
+                "batch.retry_initial_interval",
+            ),
+            (
+                "CONVEYOR__SHUTDOWN__DRAIN_TIMEOUT",
+                "shutdown.drain_timeout",
+            ),
+        ] {
+            let text = rejection(var, "0s");
+            assert!(
+                text.contains(&format!("{key}: must be in 1ms..=")),
+                "{var}: {text}"
+            );
+            assert!(text.contains("got 0s"), "{var}: {text}");
+            // Far beyond any bound: a deadline computed from it would overflow.
+            let text = rejection(var, "100000years");
+            assert!(
+                text.contains(&format!("{key}: must be in 1ms..=")),
+                "{var}: {text}"
+            );
+        }
+        let text = rejection("CONVEYOR__PAYMENT__RETRY__MAX_ELAPSED", "0s");
+        assert!(
+            text.contains("payment.retry.max_elapsed: must be in 1ms..=1day, got 0s"),
+            "{text}"
+        );
+        let ok = Config::load_with_env(
+            None,
+            Some(env(&[
+                ("CONVEYOR__PAYMENT__RETRY__MAX_ELAPSED", "1ms"),
+                ("CONVEYOR__DATABASE__ACQUIRE_TIMEOUT", "1h"),
+                ("CONVEYOR__PAYMENT__BREAKER__NOT_READY_AFTER", "24h"),
+            ])),
+        );
+        assert!(ok.is_ok(), "{:?}", ok.err());
+    }
+
+    #[test]
+    fn log_level_must_be_a_filter() {
+        for bad in ["garbage", "", "conveyor=loud", "info,lapin=nope", "inf"] {
+            let text = rejection("CONVEYOR__LOG__LEVEL", bad);
+            assert!(
+                text.contains(
+                    "log.level: must be a tracing filter, comma-separated LEVEL or \
+                     TARGET=LEVEL directives (LEVEL: off, error, warn, info, debug, trace)"
+                ),
+                "{bad:?}: {text}"
+            );
+        }
+        for good in [
+            "info",
+            "WARN",
+            "warn,conveyor=debug,lapin=off",
+            "conveyor::source=trace",
+            "off",
+        ] {
+            let got = Config::load_with_env(None, Some(env(&[("CONVEYOR__LOG__LEVEL", good)])));
+            assert!(got.is_ok(), "{good:?}: {:?}", got.err());
+        }
+    }
+
+    #[test]
+    fn secret_names() {
+        for secret in [
+            "sasl.password",
+            "sasl.oauthbearer.config",
+            "sasl.oauthbearer.client.secret",
+            "sasl.jaas.config",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "ssl.key.pem",
+            "ssl_key",
+            "sasl.oauthbearer.assertion.private.key.pem",
+            "sasl.oauthbearer.assertion.private.key.passphrase",
+            "password",
+            "sslpassword",
+            "api_key",
+            "access_token",
+        ] {
+            assert!(is_secret_name(secret), "{secret}");
+        }
+        for plain in [
+            "security.protocol",
+            "sasl.mechanism",
+            "sasl.username",
+            "ssl.key.location",
+            "ssl.keystore.location",
+            "ssl.ca.location",
+            "ssl.certificate.pem",
+            "ssl.ca.pem",
+            "session.timeout.ms",
+            "sslmode",
+            "sslrootcert",
+            "host",
+        ] {
+            assert!(!is_secret_name(plain), "{plain}");
+        }
+    }
+
+    #[test]
+    fn urls_are_redacted_wherever_their_secrets_sit() {
+        for (raw, shown) in [
+            (
+                "postgres://app:pw@db:5432/orders",
+                "postgres://app:[redacted]@db:5432/orders",
+            ),
+            (
+                "postgres://app@db/orders?sslmode=require&password=pw",
+                "postgres://app@db/orders?sslmode=require&password=[redacted]",
+            ),
+            (
+                "postgres://app:pw@db/orders?sslpassword=pw#x",
+                "postgres://app:[redacted]@db/orders?sslpassword=[redacted]#x",
+            ),
+            (
+                "amqp://guest:pw@rabbit/%2f",
+                "amqp://guest:[redacted]@rabbit/%2f",
+            ),
+            (
+                "https://u:p%40w@pay.example.com/",
+                "https://u:[redacted]@pay.example.com/",
+            ),
+            ("http://u@pay.example.com", "http://u@pay.example.com"),
+            ("sqlite:data/x.db?mode=rwc", "sqlite:data/x.db?mode=rwc"),
+            // Not URLs: whatever might be credentials, and the query, hidden.
+            (
+                "postgres://app:pw@db:99999/x",
+                "postgres://[redacted]@db:99999/x",
+            ),
+            (
+                "http://u:pw@x:99999?password=pw",
+                "http://[redacted]@x:99999?[redacted]",
+            ),
+            ("http://a b:pw@x", "http://a%20b:[redacted]@x/"),
+        ] {
+            assert_eq!(redact_url(raw), shown, "{raw}");
+        }
+    }
+
+    #[test]
+    fn debug_and_toml_redact_every_secret() {
+        let mut cfg = Config::default();
+        let secret = "Sec-7f3a";
+        cfg.database.url = format!("postgres://app:{secret}@db/x?password={secret}");
+        cfg.database.password = Some(Secret::new(secret));
+        cfg.rabbitmq.url = format!("amqp://guest:{secret}@rabbit/%2f");
+        cfg.rabbitmq.password = Some(Secret::new(secret));
+        cfg.payment.url = format!("https://u:{secret}@pay.example.com");
+        cfg.rule_engine.url = format!("https://u:{secret}@rules.example.com");
+        for key in ["sasl.password", "sasl.oauthbearer.config", "ssl.key.pem"] {
+            cfg.kafka
+                .properties
+                .insert(key.into(), format!("x={secret} y"));
+        }
+        let shown = format!("{cfg:?}\n{cfg:#?}\n{}", cfg.to_redacted_toml());
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(
+            shown.contains("https://u:[redacted]@pay.example.com"),
+            "{shown}"
+        );
+        let scrubbed = cfg
+            .scrubber()
+            .scrub(&format!("refused {secret:?} for ssl.key.pem"));
+        assert_eq!(scrubbed, "refused \"[redacted]\" for ssl.key.pem");
     }
 
     #[test]

@@ -53,6 +53,25 @@ pub struct Report {
     pub elapsed: Duration,
 }
 
+/// Exit code of a drain that hit `shutdown.drain_timeout` with work
+/// unfinished (`EX_TEMPFAIL` of sysexits.h): nothing is lost — the unfinished
+/// work was left unacknowledged and the broker redelivers it — but a
+/// supervisor can tell it from a clean drain (0), a second signal (130,
+/// [`shutdown::EXIT_FORCED`]) and a fatal error (1).
+pub const EXIT_DRAIN_TIMEOUT: u8 = 75;
+
+impl Report {
+    /// The exit code of the process this run ends: 0 after a clean drain,
+    /// [`EXIT_DRAIN_TIMEOUT`] when the drain deadline cut it short.
+    pub fn exit_code(&self) -> u8 {
+        if self.drained {
+            0
+        } else {
+            EXIT_DRAIN_TIMEOUT
+        }
+    }
+}
+
 /// Hooks into a run's life, for supervisors and tests.
 #[derive(Default)]
 pub struct Hooks {

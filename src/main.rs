@@ -182,6 +182,9 @@ fn main() -> ExitCode {
         log.level = "error".into();
     }
     telemetry::init_tracing(&log);
+    // Taken before the configuration moves into the runtime: a fatal error
+    // may quote a library's words, which may quote a secret.
+    let scrubber = config.scrubber();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -199,11 +202,11 @@ fn main() -> ExitCode {
                 let store = conveyor::store::Store::connect(&config.database).await?;
                 store.migrate().await?;
                 tracing::info!("migrations applied");
-                Ok(())
+                Ok(0)
             }
-            Command::CheckConfig => Ok(()),
-            Command::Simulate(a) => simulate(a).await,
-            Command::Produce(a) => produce(&config, a).await,
+            Command::CheckConfig => Ok(0),
+            Command::Simulate(a) => simulate(a).await.map(|()| 0),
+            Command::Produce(a) => produce(&config, a).await.map(|()| 0),
             Command::Demo(a) => {
                 let ok = conveyor::demo::run(conveyor::demo::DemoArgs {
                     orders: a.orders,
@@ -220,7 +223,7 @@ fn main() -> ExitCode {
                 })
                 .await?;
                 if ok {
-                    Ok(())
+                    Ok(0)
                 } else {
                     Err(anyhow::anyhow!("an invariant failed"))
                 }
@@ -230,22 +233,27 @@ fn main() -> ExitCode {
     // Do not wait for stray tasks (a hung HTTP call past the drain deadline).
     runtime.shutdown_background();
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "fatal");
-            eprintln!("conveyor: {e:#}");
+            let error = scrubber.scrub(&format!("{e:#}"));
+            tracing::error!(error, "fatal");
+            eprintln!("conveyor: {error}");
             ExitCode::FAILURE
         }
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+/// The daemon; its exit code says how the drain went.
+async fn run(config: Config) -> anyhow::Result<u8> {
     let stop = conveyor::shutdown::install()?;
     let report = conveyor::run(config, stop.cancelled_owned()).await?;
     if !report.drained {
-        tracing::warn!("exited at the drain deadline; unfinished work will be redelivered");
+        tracing::warn!(
+            exit_code = conveyor::EXIT_DRAIN_TIMEOUT,
+            "exited at the drain deadline; unfinished work will be redelivered"
+        );
     }
-    Ok(())
+    Ok(report.exit_code())
 }
 
 async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
