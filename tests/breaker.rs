@@ -108,7 +108,7 @@ async fn a_payment_outage_pauses_intake_and_dead_letters_nothing() {
             }
         }
         if last_rabbit_sample.elapsed() >= Duration::from_secs(1) {
-            max_rabbit_unacked = max_rabbit_unacked.max(unacked(&env.queue));
+            max_rabbit_unacked = max_rabbit_unacked.max(unacked(&env.queue).await);
             last_rabbit_sample = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

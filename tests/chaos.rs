@@ -227,7 +227,7 @@ async fn finish_rabbit(env: &Env, daemon: &mut Daemon, stored: i64, n: u64) {
     wait_for(
         "the queue empty with nothing unacknowledged",
         Duration::from_secs(60),
-        || async { env.ready(&env.queue).await == 0 && unacked(&env.queue) == 0 },
+        || async { env.ready(&env.queue).await == 0 && unacked(&env.queue).await == 0 },
     )
     .await;
     daemon.signal(libc::SIGTERM);
@@ -289,7 +289,7 @@ async fn rabbitmq_restart_mid_run_the_daemon_reconnects_and_finishes() {
         env.rows().await >= stored / 3
     })
     .await;
-    let mut outage = RabbitOutage::begin();
+    let mut outage = RabbitOutage::begin().await;
     wait_for(
         "/readyz false while RabbitMQ is down",
         Duration::from_secs(30),
@@ -304,7 +304,7 @@ async fn rabbitmq_restart_mid_run_the_daemon_reconnects_and_finishes() {
         "the daemon exited while RabbitMQ was down; log:\n{}",
         daemon.log_text()
     );
-    outage.end();
+    outage.end().await;
     let back = Instant::now();
     wait_for("/readyz true again", Duration::from_secs(60), || async {
         ready(daemon.http).await == Some(true)
@@ -339,7 +339,7 @@ async fn rabbitmq_closes_the_connection_mid_run_the_daemon_reconnects_and_finish
     .await;
     let baseline = acked(&daemon).await;
     assert_eq!(
-        close_consumer_connections(&env.queue),
+        close_consumer_connections(&env.queue).await,
         1,
         "the daemon's connection"
     );
@@ -379,7 +379,7 @@ async fn postgres_outage_mid_run_retries_commits_and_acks_nothing_meanwhile() {
         env.rows().await >= stored / 4
     })
     .await;
-    let (mut outage, terminated) = PgOutage::begin(&env.name);
+    let (mut outage, terminated) = PgOutage::begin(&env.name).await;
     let began = Instant::now();
     assert!(terminated > 0, "the daemon had database connections");
     wait_for(
@@ -401,10 +401,10 @@ async fn postgres_outage_mid_run_retries_commits_and_acks_nothing_meanwhile() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        unacked(&env.queue) > 0,
+        unacked(&env.queue).await > 0,
         "the broker still holds the unacknowledged deliveries"
     );
-    outage.end();
+    outage.end().await;
     let back = Instant::now();
     wait_for(
         "/readyz true after the outage",
@@ -519,7 +519,8 @@ async fn kafka_kill9_at_random_moments_loses_and_doubles_nothing() {
         "offsets committed to the log end",
         Duration::from_secs(60),
         || async {
-            let offsets = common::kafka_committed_and_end(&brokers, &group, &topic, PARTITIONS);
+            let offsets =
+                common::kafka_committed_and_end(&brokers, &group, &topic, PARTITIONS).await;
             offsets.len() == PARTITIONS as usize && offsets.iter().all(|(c, end)| c == end)
         },
     )
@@ -659,7 +660,7 @@ async fn downstream_outage(
         }
         if let Some(queue) = rabbit_queue {
             if last_broker_sample.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                let broker = unacked(queue);
+                let broker = unacked(queue).await;
                 assert!(
                     broker <= u64::from(OUTAGE_PREFETCH),
                     "RabbitMQ counts {broker} unacknowledged > prefetch {OUTAGE_PREFETCH} \
@@ -780,7 +781,8 @@ async fn kafka_downstream_outage_pauses_intake_and_dead_letters_nothing() {
         "offsets committed to the log end",
         Duration::from_secs(60),
         || async {
-            let offsets = common::kafka_committed_and_end(&brokers, &group, &topic, PARTITIONS);
+            let offsets =
+                common::kafka_committed_and_end(&brokers, &group, &topic, PARTITIONS).await;
             offsets.len() == PARTITIONS as usize && offsets.iter().all(|(c, end)| c == end)
         },
     )

@@ -41,8 +41,8 @@ async fn produce(brokers: &str, topic: &str, gen: &OrderGen, range: std::ops::Ra
 }
 
 /// (committed, log end) per partition; every partition must be readable.
-fn committed_and_end(brokers: &str, group: &str, topic: &str) -> Vec<(i64, i64)> {
-    let offsets = common::kafka_committed_and_end(brokers, group, topic, PARTITIONS);
+async fn committed_and_end(brokers: &str, group: &str, topic: &str) -> Vec<(i64, i64)> {
+    let offsets = common::kafka_committed_and_end(brokers, group, topic, PARTITIONS).await;
     assert_eq!(
         offsets.len(),
         PARTITIONS as usize,
@@ -155,7 +155,7 @@ async fn ten_thousand_orders_across_four_partitions_commit_to_the_log_end() {
     );
     assert_eq!(report.acked, n);
     assert_eq!(env.rows().await, n as i64);
-    let offsets = committed_and_end(&brokers, &format!("{}-group", env.name), &topic);
+    let offsets = committed_and_end(&brokers, &format!("{}-group", env.name), &topic).await;
     assert_eq!(offsets.len(), PARTITIONS as usize);
     for (committed, end) in &offsets {
         assert_eq!(
@@ -242,7 +242,9 @@ async fn poison_goes_to_the_dead_letter_topic_with_headers_and_offsets_move_past
     let report = run_in_process(kafka_config(&env, &brokers, &topic), acked_at_least(n)).await;
     assert_eq!(report.dead_lettered, poison.len() as u64);
     assert_eq!(env.rows().await, (n as usize - poison.len()) as i64);
-    for (committed, end) in committed_and_end(&brokers, &format!("{}-group", env.name), &topic) {
+    for (committed, end) in
+        committed_and_end(&brokers, &format!("{}-group", env.name), &topic).await
+    {
         assert_eq!(committed, end);
     }
 
@@ -329,7 +331,7 @@ async fn two_daemons_share_the_group_one_stops_another_joins_under_load() {
     }
     assert_eq!(env.rows().await, n as i64);
     assert_eq!(env.check_ledger().await, n as usize);
-    let offsets = committed_and_end(&brokers, &format!("{}-group", env.name), &topic);
+    let offsets = committed_and_end(&brokers, &format!("{}-group", env.name), &topic).await;
     assert!(
         offsets.iter().all(|(committed, end)| committed == end),
         "committed offsets at the log end, per partition (committed, end): {offsets:?}\n\
@@ -409,7 +411,9 @@ async fn cooperative_sticky_rebalances_lose_and_double_nothing() {
     );
     assert_eq!(env.rows().await, n as i64);
     assert_eq!(env.check_ledger().await, n as usize);
-    for (committed, end) in committed_and_end(&brokers, &format!("{}-group", env.name), &topic) {
+    for (committed, end) in
+        committed_and_end(&brokers, &format!("{}-group", env.name), &topic).await
+    {
         assert_eq!(committed, end);
     }
     env.cleanup().await;

@@ -158,7 +158,7 @@ async fn sigterm_mid_run_drains_cleanly_and_a_restart_finishes_the_rest() {
     assert_eq!(code, Some(0));
     assert_eq!(env.rows().await, n as i64);
     assert_eq!(env.ready(&env.queue).await, 0, "messages left in the queue");
-    assert_eq!(unacked(&env.queue), 0);
+    assert_eq!(unacked(&env.queue).await, 0);
     assert_eq!(env.check_ledger().await, n as usize);
     env.cleanup().await;
 }
@@ -194,7 +194,7 @@ async fn a_slow_stage_never_lets_unacked_exceed_prefetch_and_memory_stays_flat()
     let samples = Arc::new(Mutex::new(Vec::new()));
     for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let broker_unacked = unacked(&env.queue);
+        let broker_unacked = unacked(&env.queue).await;
         let own = metric(daemon.http, "conveyor_unacked_messages")
             .await
             .unwrap_or(-1.0);
