@@ -9,9 +9,10 @@ ARG RUST_VERSION=1
 
 FROM rust:${RUST_VERSION}-bookworm AS builder
 WORKDIR /src
-# rdkafka builds its bundled librdkafka with gcc and make (both in this image).
-# Link zlib statically so the binary needs only glibc and libgcc at run time,
-# which is exactly what the distroless cc image has.
+# rdkafka builds its bundled librdkafka with gcc and make (both in this image),
+# against this image's libssl-dev (Kafka TLS/SASL). Link zlib statically so the
+# binary needs only glibc, libgcc and libssl3 at run time, which is exactly
+# what the distroless cc image has.
 ENV LIBZ_SYS_STATIC=1 \
     CARGO_TERM_COLOR=never
 COPY . .
