@@ -6,7 +6,8 @@
 //! * [`broker`]: what RabbitMQ's own CLI reports (unacknowledged counts);
 //! * [`faults`]: fault injection for `tests/chaos.rs` (RabbitMQ stopped,
 //!   a database refusing connections, connections closed by the broker);
-//! * [`kafka`]: producing to and reading positions from a Kafka cluster;
+//! * [`kafka`]: the Kafka broker of a test (mock cluster or tansu),
+//!   producing to it and reading positions from it;
 //! * here: polling with deadlines and scraping the daemon's endpoints.
 //!
 //! Services are never skipped: a missing one fails the test and says what
@@ -29,7 +30,9 @@ pub use broker::unacked;
 pub use daemon::{binary, free_port, Daemon, InProcess};
 pub use env::{Env, AMQP, PG_ADMIN};
 pub use faults::{close_consumer_connections, PgOutage, RabbitOutage};
-pub use kafka::{kafka_committed_and_end, kafka_daemon_config_file, kafka_produce};
+pub use kafka::{
+    kafka_committed_and_end, kafka_daemon_config_file, kafka_produce, Backend, KafkaBroker,
+};
 
 /// Polls `cond` until it holds or `limit` passes; panics with `what`.
 pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut cond: F)
