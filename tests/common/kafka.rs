@@ -133,6 +133,22 @@ impl KafkaBroker {
         messages: impl IntoIterator<Item = (String, Vec<u8>)>,
     ) {
         let ends = kafka_produce(&self.bootstrap, topic, messages).await;
+        self.remember(topic, ends);
+    }
+
+    /// Writes `(key, value)` records with the independent client
+    /// ([`independent_write`]) and remembers where each partition ends.
+    pub async fn independent_write(
+        &self,
+        topic: &str,
+        codec: &str,
+        records: impl IntoIterator<Item = (String, String)>,
+    ) {
+        let ends = independent_write(&self.bootstrap, &[], topic, codec, records).await;
+        self.remember(topic, ends);
+    }
+
+    fn remember(&self, topic: &str, ends: HashMap<i32, i64>) {
         let mut known = self.acked_ends.lock().expect("acked ends");
         for (partition, end) in ends {
             let e = known.entry((topic.to_string(), partition)).or_insert(0);
@@ -253,6 +269,114 @@ pub fn tools_dir() -> PathBuf {
             PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache")
         });
     cache.join("conveyor/tools")
+}
+
+/// The Python of `scripts/setup`'s virtualenv, which has confluent-kafka.
+fn independent_python() -> PathBuf {
+    let python = tools_dir().join("venv/bin/python");
+    assert!(
+        python.exists(),
+        "the confluent-kafka virtualenv is not at {} (run scripts/setup, which makes it)",
+        python.display()
+    );
+    python
+}
+
+fn independent_client() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/kafka_client.py")
+}
+
+/// Writes `(key, value)` records to `topic` with confluent-kafka, a Kafka
+/// client that shares no code with conveyor's build of librdkafka,
+/// compressing with `codec` (`none`, `gzip`, `snappy`, `lz4`, `zstd`).
+/// `properties` are extra librdkafka settings (TLS). Returns, per partition,
+/// one past the highest offset acknowledged.
+pub async fn independent_write(
+    brokers: &str,
+    properties: &[(&str, &str)],
+    topic: &str,
+    codec: &str,
+    records: impl IntoIterator<Item = (String, String)>,
+) -> HashMap<i32, i64> {
+    let mut input = String::new();
+    for (key, value) in records {
+        input.push_str(&serde_json::json!({ "key": key, "value": value }).to_string());
+        input.push('\n');
+    }
+    let out = run_independent(&["write", brokers, topic, codec], properties, input).await;
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("the writer's summary");
+    v["ends"]
+        .as_object()
+        .expect("ends")
+        .iter()
+        .map(|(p, e)| (p.parse().expect("partition"), e.as_i64().expect("end")))
+        .collect()
+}
+
+/// One record read by the independent client.
+#[derive(Debug, serde::Deserialize)]
+pub struct IndependentRecord {
+    pub key: String,
+    pub value: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads `count` records of `topic` from the beginning with confluent-kafka.
+pub async fn independent_read(
+    brokers: &str,
+    properties: &[(&str, &str)],
+    topic: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<IndependentRecord> {
+    let out = run_independent(
+        &[
+            "read",
+            brokers,
+            topic,
+            &count.to_string(),
+            &timeout.as_secs().to_string(),
+        ],
+        properties,
+        String::new(),
+    )
+    .await;
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect("a record line"))
+        .collect()
+}
+
+async fn run_independent(args: &[&str], properties: &[(&str, &str)], input: String) -> String {
+    use tokio::io::AsyncWriteExt;
+    let props: serde_json::Map<String, serde_json::Value> = properties
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+        .collect();
+    let mut child = tokio::process::Command::new(independent_python())
+        .arg(independent_client())
+        .args(args)
+        .env("KAFKA_PROPS", serde_json::Value::Object(props).to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the independent Kafka client");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let feed = async move {
+        stdin.write_all(input.as_bytes()).await.expect("feed the client");
+        drop(stdin);
+    };
+    let (_, out) = tokio::join!(feed, child.wait_with_output());
+    let out = out.expect("the independent Kafka client ran");
+    assert!(
+        out.status.success(),
+        "independent Kafka client {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
 /// A tansu broker process, killed on drop.
