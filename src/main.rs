@@ -128,9 +128,34 @@ struct ProduceArgs {
     /// Percent of orders whose charge is to be declined.
     #[arg(long, default_value_t = 3.0, value_parser = parse_pct)]
     decline_pct: f64,
+    /// Kafka compression codec of the produced batches (librdkafka's
+    /// `compression.type`) [default: kafka.properties' compression.type, else none].
+    #[arg(long, value_enum, value_name = "CODEC")]
+    compression: Option<Codec>,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Codec {
+    None,
+    Gzip,
+    Snappy,
+    Lz4,
+    Zstd,
+}
+
+impl Codec {
+    fn name(self) -> &'static str {
+        match self {
+            Codec::None => "none",
+            Codec::Gzip => "gzip",
+            Codec::Snappy => "snappy",
+            Codec::Lz4 => "lz4",
+            Codec::Zstd => "zstd",
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -304,6 +329,10 @@ async fn produce(config: &Config, a: ProduceArgs) -> anyhow::Result<()> {
                 a.topic.is_none(),
                 "--topic is for Kafka; the RabbitMQ queue is rabbitmq.queue"
             );
+            anyhow::ensure!(
+                a.compression.is_none(),
+                "--compression is for Kafka; RabbitMQ messages are sent as they are"
+            );
             None
         }
         Broker::Kafka => Some(
@@ -359,7 +388,13 @@ async fn produce(config: &Config, a: ProduceArgs) -> anyhow::Result<()> {
         }
         Some(topic) => {
             let records = indices.map(|i| (generator.order_id(i), generator.message(i).1));
-            publish_kafka(&config.kafka, topic, records, WINDOW, a.rate, on_progress).await
+            let mut kafka = config.kafka.clone();
+            if let Some(codec) = a.compression {
+                kafka
+                    .properties
+                    .insert("compression.type".into(), codec.name().into());
+            }
+            publish_kafka(&kafka, topic, records, WINDOW, a.rate, on_progress).await
         }
     };
     let acked = progress.finish(result.is_ok());

@@ -81,3 +81,55 @@ on_both_brokers! {
         env.cleanup().await;
     }
 }
+
+on_both_brokers! {
+    async fn produce_compresses_with_every_codec_and_an_independent_client_reads_it(backend: Backend) {
+        let broker = KafkaBroker::start(backend).await;
+        let brokers = broker.bootstrap_servers();
+        let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+        for codec in CODECS {
+            let topic = format!("produce-{run}-{codec}");
+            broker.create_topic(&topic, PARTITIONS).await;
+            let out = tokio::process::Command::new(common::binary())
+                .args(["produce", "--to", "kafka", "--topic", &topic, "--orders", "100"])
+                .args(["--compression", codec, "--run-id", &format!("{run}{codec}"), "--quiet"])
+                .env_remove("RUST_LOG")
+                .env("CONVEYOR__KAFKA__BROKERS", &brokers)
+                .output()
+                .await
+                .expect("run conveyor produce");
+            assert!(
+                out.status.success(),
+                "produce --compression {codec}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let got = common::kafka::independent_read(&brokers, &[], &topic, 100, Duration::from_secs(60)).await;
+            assert_eq!(got.len(), 100, "{codec}");
+            let prefix = format!("{run}{codec}-");
+            assert!(
+                got.iter().all(|r| r.key.starts_with(&prefix)),
+                "{codec}: every record keyed by an order id of this run: {:?}",
+                got.iter().map(|r| &r.key).take(5).collect::<Vec<_>>()
+            );
+        }
+    }
+}
+
+#[test]
+fn produce_refuses_an_unknown_codec_and_compression_for_rabbitmq() {
+    let out = std::process::Command::new(common::binary())
+        .args(["produce", "--to", "kafka", "--compression", "brotli"])
+        .output()
+        .expect("run conveyor produce");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("brotli") && err.contains("zstd"), "{err}");
+    let out = std::process::Command::new(common::binary())
+        .args(["produce", "--to", "rabbitmq", "--compression", "gzip"])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run conveyor produce");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--compression is for Kafka"), "{err}");
+}

@@ -366,7 +366,10 @@ async fn run_independent(args: &[&str], properties: &[(&str, &str)], input: Stri
         .expect("start the independent Kafka client");
     let mut stdin = child.stdin.take().expect("stdin");
     let feed = async move {
-        stdin.write_all(input.as_bytes()).await.expect("feed the client");
+        stdin
+            .write_all(input.as_bytes())
+            .await
+            .expect("feed the client");
         drop(stdin);
     };
     let (_, out) = tokio::join!(feed, child.wait_with_output());

@@ -7,7 +7,8 @@ scripts/setup makes.
         compression.type=CODEC; prints {"written": N, "ends": {partition: end}}
         (end: one past the highest offset acknowledged)
     python kafka_client.py read BROKERS TOPIC COUNT TIMEOUT_S
-        reads COUNT records from the beginning of every partition; prints
+        reads COUNT records from the beginning of every partition (assigned,
+        no group); prints
         one {"key", "value", "partition", "offset", "headers"} line each
 
 Extra librdkafka properties come from KAFKA_PROPS as a JSON object (TLS).
@@ -19,7 +20,7 @@ import os
 import sys
 import time
 
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 
 def props(brokers):
@@ -67,7 +68,11 @@ def read(brokers, topic, count, timeout):
         "enable.auto.commit": False,
     })
     consumer = Consumer(p)
-    consumer.subscribe([topic])
+    # Assigned, not subscribed: no group join to wait for.
+    meta = consumer.list_topics(topic, timeout=10).topics[topic]
+    if meta.error is not None:
+        sys.exit(f"read {topic}: {meta.error}")
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
     deadline = time.monotonic() + timeout
     got = 0
     try:
