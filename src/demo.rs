@@ -4,6 +4,13 @@
 //! simulator answers on a loopback port. It produces orders, processes them,
 //! drains, and checks the invariants: stored + dead-lettered = produced, no
 //! order charged twice, offsets committed to the log end.
+//!
+//! The mock cluster silently drops what exceeds its per-partition retention
+//! (about 5 MiB or 100,000 messages), so the producer stays at most
+//! [`AHEAD_PER_PARTITION`] orders per partition ahead of what the daemon has
+//! acknowledged: any `--orders` completes, with memory flat. Should progress
+//! ever stop for `--stall-timeout`, the demo ends with the invariant that
+//! failed and its likely cause instead of waiting.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,7 +39,14 @@ pub struct DemoArgs {
     /// Keep the SQLite file at this path instead of a temporary one.
     pub keep: Option<PathBuf>,
     pub quiet: bool,
+    /// No order acknowledged for this long ends the demo as failed.
+    pub stall_timeout: Duration,
 }
+
+/// How far the producer may run ahead of the daemon's acknowledgements, per
+/// partition: about 1.2 MB of ~300-byte orders, a quarter of what the mock
+/// cluster keeps of a partition, so nothing produced is ever dropped.
+pub const AHEAD_PER_PARTITION: u64 = 4_000;
 
 const TOPIC: &str = "orders";
 const GROUP: &str = "conveyor-demo";
@@ -107,10 +121,21 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         .context("creating the demo producer")?;
     let n = args.orders;
     let gen2 = generator.clone();
+    let metrics = Arc::new(Metrics::new()?);
+    let acked = metrics.acked.clone();
+    let ahead = AHEAD_PER_PARTITION * u64::try_from(args.partitions.max(1)).unwrap_or(1);
     let producing = tokio::spawn(async move {
         let began = Instant::now();
         let mut pending = Vec::with_capacity(1000);
         for i in 0..n {
+            // Bounded distance ahead of the consumer (and never a batch in
+            // flight while waiting, so the wait cannot hold acks back).
+            if i >= acked.get() + ahead {
+                futures::future::try_join_all(std::mem::take(&mut pending)).await?;
+                while i >= acked.get() + ahead {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
             let (_, body) = gen2.message(i);
             let key = gen2.order_id(i);
             let p = producer.clone();
@@ -131,7 +156,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         Ok::<_, rdkafka::error::KafkaError>(began.elapsed())
     });
 
-    let metrics = Arc::new(Metrics::new()?);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (ready_tx, ready_rx) = oneshot::channel();
     let hooks = crate::Hooks {
@@ -166,20 +190,45 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let deadline = Instant::now() + Duration::from_secs(60 + n / 200);
-    loop {
+    let mut last = (metrics.acked.get(), Instant::now());
+    let stalled = loop {
         let done = metrics.acked.get();
         bar.set_position(done);
         if done >= n {
-            break;
+            break None;
         }
-        if Instant::now() > deadline || daemon.is_finished() {
-            break;
+        if done != last.0 {
+            last = (done, Instant::now());
+        }
+        if daemon.is_finished() || last.1.elapsed() >= args.stall_timeout {
+            break Some((done, last.1.elapsed()));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
     let secs = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    if let Some((done, quiet_for)) = stalled {
+        let cause = stall_cause(&daemon, &producing, &metrics, &brokers, args.latency_ms).await;
+        // Stop what is left; the daemon's own drain deadline bounds the wait.
+        let _ = stop_tx.send(());
+        producing.abort();
+        let ended = tokio::time::timeout(Duration::from_secs(60), daemon).await;
+        sim.stop().await;
+        drop(cluster);
+        println!("conveyor demo: {n} orders through the whole daemon");
+        println!();
+        println!(
+            "  [FAIL] progress: {done} of {n} orders acknowledged, then none for {:.0} s",
+            quiet_for.as_secs_f64()
+        );
+        println!("         likely cause: {cause}");
+        if let Ok(Ok(Err(e))) = ended {
+            println!("         the daemon ended with: {e:#}");
+        }
+        println!();
+        println!("invariants: FAILED");
+        return Ok(false);
+    }
     let produced_in = producing
         .await
         .context("producer task")?
@@ -222,7 +271,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         sim.url, args.latency_ms
     );
     println!(
-        "  producer   {n} orders in {:.2} s ({:.0}/s, acks=all), alongside the daemon",
+        "  producer   {n} orders in {:.2} s ({:.0}/s, acks=all), at most {ahead} ahead of the daemon",
         produced_in.as_secs_f64(),
         n as f64 / produced_in.as_secs_f64().max(1e-9)
     );
@@ -296,6 +345,93 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     sim.stop().await;
     drop(cluster);
     Ok(ok)
+}
+
+/// Why no order has been acknowledged for a while, from what can be seen:
+/// the daemon or the producer ended, the broker dropped messages, orders
+/// stuck inside the daemon, or nothing to consume.
+async fn stall_cause(
+    daemon: &tokio::task::JoinHandle<anyhow::Result<crate::Report>>,
+    producing: &tokio::task::JoinHandle<Result<Duration, rdkafka::error::KafkaError>>,
+    metrics: &Metrics,
+    brokers: &str,
+    latency_ms: u64,
+) -> String {
+    if daemon.is_finished() {
+        return "the daemon stopped before every order was processed (its error follows)".into();
+    }
+    if producing.is_finished() && metrics.received.get() == 0 {
+        return "producing failed or the daemon never received an order: is the topic there?"
+            .into();
+    }
+    let brokers = brokers.to_string();
+    let positions = tokio::task::spawn_blocking(move || partition_positions(&brokers)).await;
+    let Ok(Ok(positions)) = positions else {
+        return "the broker cannot be asked for its offsets: it is not answering".into();
+    };
+    let dropped: i64 = positions
+        .iter()
+        .map(|p| p.low.max(p.committed) - p.committed)
+        .sum();
+    if dropped > 0 {
+        return format!(
+            "the broker dropped {dropped} messages the daemon had not consumed yet (log start \
+             past the committed offset: the mock cluster keeps about 5 MiB or 100,000 messages \
+             per partition); they can never arrive"
+        );
+    }
+    let unacked = metrics.unacked.get();
+    if unacked > 0 {
+        return format!(
+            "{unacked} orders are held inside the daemon and none completes: a downstream \
+             (simulator latency {latency_ms} ms) or the store is not answering in time"
+        );
+    }
+    let behind: i64 = positions.iter().map(|p| p.end - p.committed).sum();
+    if behind > 0 {
+        return format!(
+            "{behind} messages wait in the broker and the daemon receives none: the consumer \
+             is not fetching (group join or rebalance stuck)"
+        );
+    }
+    "the daemon has consumed everything the broker holds: the producer is not producing".into()
+}
+
+/// One partition of the orders topic as the broker sees it.
+struct Position {
+    low: i64,
+    committed: i64,
+    end: i64,
+}
+
+fn partition_positions(brokers: &str) -> anyhow::Result<Vec<Position>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", GROUP)
+        .create()?;
+    let timeout = Duration::from_secs(5);
+    let metadata = consumer.fetch_metadata(Some(TOPIC), timeout)?;
+    let mut tpl = TopicPartitionList::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            tpl.add_partition(TOPIC, p.id());
+        }
+    }
+    let committed = consumer.committed_offsets(tpl, timeout)?;
+    let mut out = Vec::new();
+    for e in committed.elements() {
+        let (low, end) = consumer.fetch_watermarks(TOPIC, e.partition(), timeout)?;
+        let committed = match e.offset() {
+            Offset::Offset(c) => c,
+            _ => 0,
+        };
+        out.push(Position {
+            low,
+            committed,
+            end,
+        });
+    }
+    Ok(out)
 }
 
 /// Messages in the dead-letter topic, and the group's total lag on the

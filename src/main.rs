@@ -66,6 +66,9 @@ struct DemoArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Fail, naming the likely cause, when no order is acknowledged for this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    stall_timeout: std::time::Duration,
 }
 
 #[derive(clap::Args)]
@@ -245,6 +248,7 @@ fn main() -> ExitCode {
                     prefetch: a.prefetch,
                     keep: a.keep,
                     quiet: a.quiet,
+                    stall_timeout: a.stall_timeout,
                 })
                 .await?;
                 if ok {

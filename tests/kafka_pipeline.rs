@@ -348,24 +348,6 @@ on_both_brokers! {
 }
 }
 
-#[test]
-fn the_demo_runs_and_its_invariants_hold() {
-    let out = std::process::Command::new(common::binary())
-        .args(["demo", "--orders", "2000", "--quiet"])
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run conveyor demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "demo failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("invariants: ok"), "{stdout}");
-    assert!(stdout.contains("orders/s"));
-}
-
 on_both_brokers! {
     async fn cooperative_sticky_rebalances_lose_and_double_nothing(backend: Backend) {
     let env = Env::new("kcoop", Knobs::default()).await;
