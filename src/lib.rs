@@ -6,7 +6,6 @@
 //! [`run`] is the whole daemon; it takes its shutdown as a future so tests
 //! drive it without signals.
 
-pub mod ack;
 pub mod config;
 pub mod demo;
 pub mod downstream;

@@ -1,0 +1,192 @@
+//! Intake: session after session until stopped — a prefetch permit, then a
+//! delivery, then a [`Delivery`] for the pipeline stamped with the
+//! session's generation. Intake owns reconnection: when a session is lost
+//! it closes it (the broker requeues what was unacknowledged), opens the
+//! next one and publishes it to settlement.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use lapin::options::BasicCancelOptions;
+use lapin::types::{AMQPValue, ShortString};
+use lapin::Consumer;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::session::{Link, Session};
+use super::{RabbitError, TIMESTAMP_HEADER};
+use crate::config::RabbitConfig;
+use crate::source::{AckToken, Delivery, Held, Position, TokenKind};
+use crate::telemetry::{Health, Metrics};
+
+/// How one session's intake ended.
+enum Ended {
+    /// `stop_intake` fired or the pipeline is gone: the daemon is stopping.
+    Stopped,
+    /// The session failed; intake reconnects.
+    Lost(String),
+}
+
+/// Consumes session after session until stopped. Owns reconnection: it is
+/// the only writer of `sessions`.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn intake(
+    link: &Link,
+    mut consumer: Consumer,
+    sessions: &watch::Sender<Arc<Session>>,
+    queue: Arc<str>,
+    permits: Arc<Semaphore>,
+    deliveries: mpsc::Sender<Delivery>,
+    stop: CancellationToken,
+    health: &Health,
+) -> Result<(), RabbitError> {
+    loop {
+        let session = sessions.borrow().clone();
+        let ended = consume_session(
+            &session,
+            &mut consumer,
+            &link.cfg,
+            &queue,
+            &permits,
+            &deliveries,
+            &stop,
+            &link.metrics,
+        )
+        .await;
+        match ended {
+            Ended::Stopped => break,
+            Ended::Lost(why) => {
+                session.lose(&why);
+                Health::set(&health.broker_connected, false);
+                // Whatever of this session is still unacknowledged comes
+                // back from the broker once the connection is closed.
+                session.close("conveyor: session lost").await;
+                let next = session.generation + 1;
+                drop(session);
+                let Some((fresh, c)) = link.reopen(next, &stop).await else {
+                    break;
+                };
+                consumer = c;
+                sessions.send_replace(Arc::new(fresh));
+                Health::set(&health.broker_connected, true);
+                tracing::info!(
+                    generation = next,
+                    queue = %link.cfg.queue,
+                    "RabbitMQ reconnected; consuming again"
+                );
+            }
+        }
+    }
+    // Stop the flow of new deliveries; what lapin has buffered but we did
+    // not take stays unacknowledged and is requeued when the channel closes.
+    let session = sessions.borrow().clone();
+    if !session.lost.is_cancelled() {
+        if let Ok(tag) = ShortString::try_new(link.cfg.consumer_tag.as_str()) {
+            if let Err(e) = session
+                .consume
+                .basic_cancel(tag, BasicCancelOptions::default())
+                .await
+            {
+                tracing::debug!(error = %e, "cancelling the consumer");
+            }
+        }
+    }
+    tracing::info!("intake stopped");
+    Ok(())
+}
+
+/// Intake on one session: a permit, then a message, then hand it on.
+#[allow(clippy::too_many_arguments)]
+async fn consume_session(
+    session: &Session,
+    consumer: &mut Consumer,
+    cfg: &RabbitConfig,
+    queue: &Arc<str>,
+    permits: &Arc<Semaphore>,
+    deliveries: &mpsc::Sender<Delivery>,
+    stop: &CancellationToken,
+    metrics: &Arc<Metrics>,
+) -> Ended {
+    let generation = session.generation;
+    let lost = || Ended::Lost("reported by settlement or the connection".into());
+    loop {
+        // The permit first: without one, nothing more is taken from the
+        // broker. This is where backpressure stops intake.
+        let permit = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Ended::Stopped,
+            _ = session.lost.cancelled() => return lost(),
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return Ended::Stopped,
+            },
+        };
+        let next = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Ended::Stopped,
+            _ = session.lost.cancelled() => return lost(),
+            n = consumer.next() => n,
+        };
+        let d = match next {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => return Ended::Lost(format!("consumer error: {e}")),
+            None => {
+                return Ended::Lost(format!(
+                    "the broker cancelled the consumer of queue {}",
+                    cfg.queue
+                ))
+            }
+        };
+        metrics.received.inc();
+        let timestamp_ms = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(TIMESTAMP_HEADER))
+            .and_then(|v| match v {
+                AMQPValue::LongLongInt(ms) => Some(*ms),
+                AMQPValue::Timestamp(ms) => i64::try_from(*ms).ok(),
+                _ => None,
+            })
+            .or_else(|| {
+                d.properties
+                    .timestamp()
+                    .and_then(|s| i64::try_from(s).ok())
+                    .map(|s| s * 1000)
+            });
+        let delivery = Delivery {
+            position: Position::Rabbit {
+                queue: queue.clone(),
+                delivery_tag: d.delivery_tag,
+            },
+            redelivered: d.redelivered,
+            received_at: Instant::now(),
+            timestamp_ms,
+            traceparent: d
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("traceparent"))
+                .and_then(|v| match v {
+                    AMQPValue::LongString(s) => Some(s.to_string()),
+                    AMQPValue::ShortString(s) => Some(s.to_string()),
+                    _ => None,
+                }),
+            token: AckToken {
+                kind: TokenKind::Rabbit {
+                    generation,
+                    delivery_tag: d.delivery_tag,
+                },
+                _permit: permit,
+                _held: Held::new(metrics),
+            },
+            body: Bytes::from(d.data),
+            key: None,
+        };
+        if deliveries.send(delivery).await.is_err() {
+            return Ended::Stopped;
+        }
+    }
+}
