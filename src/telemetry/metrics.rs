@@ -1,25 +1,16 @@
-//! Telemetry: the Prometheus registry, the health flags behind `/healthz`
-//! and `/readyz`, the HTTP server that exposes them, and tracing set-up.
+//! The Prometheus registry: every metric conveyor exports (`conveyor_*`),
+//! registered once with all its known label sets, the clock behind the
+//! oldest-unacked gauge, and quantiles read back from histograms (for
+//! `demo`'s report).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
 use prometheus::{
     exponential_buckets, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use tokio_util::sync::CancellationToken;
-
-use crate::config::{LogConfig, LogFormat};
 
 /// The `event` label values of `conveyor_kafka_rebalance_events_total`.
 pub const REBALANCE_EVENTS: [&str; 5] = [
@@ -310,136 +301,4 @@ pub fn histogram_quantile(h: &Histogram, q: f64) -> Option<f64> {
         prev_count = count;
     }
     Some(prev_bound)
-}
-
-/// Something that can make the daemon unready on its own terms, asked each
-/// time readiness is computed (a circuit breaker open for too long: its
-/// verdict changes with the passing of time, not only on events).
-pub trait ReadinessCheck: Send + Sync + std::fmt::Debug {
-    /// Why the daemon is not ready, or `None` when this check is fine.
-    fn not_ready(&self) -> Option<String>;
-}
-
-/// What `/readyz` is made of. Each flag is owned by the component it names.
-#[derive(Debug, Default)]
-pub struct Health {
-    pub broker_connected: AtomicBool,
-    pub database_ok: AtomicBool,
-    pub draining: AtomicBool,
-    /// Registered by the stages: their downstreams' circuit breakers.
-    checks: Mutex<Vec<Arc<dyn ReadinessCheck>>>,
-}
-
-impl Health {
-    pub fn ready(&self) -> bool {
-        self.broker_connected.load(Ordering::Relaxed)
-            && self.database_ok.load(Ordering::Relaxed)
-            && !self.draining.load(Ordering::Relaxed)
-            && self.check_failures().is_empty()
-    }
-
-    /// Adds a check that readiness consults from now on.
-    pub fn watch(&self, check: Arc<dyn ReadinessCheck>) {
-        if let Ok(mut checks) = self.checks.lock() {
-            checks.push(check);
-        }
-    }
-
-    /// The reasons given by the registered checks that fail right now.
-    pub fn check_failures(&self) -> Vec<String> {
-        self.checks
-            .lock()
-            .map(|checks| checks.iter().filter_map(|c| c.not_ready()).collect())
-            .unwrap_or_default()
-    }
-
-    pub fn set(flag: &AtomicBool, value: bool) {
-        flag.store(value, Ordering::Relaxed);
-    }
-}
-
-#[derive(Clone)]
-struct HttpState {
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-}
-
-async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
-    s.metrics.ready.set(i64::from(s.health.ready()));
-    s.metrics
-        .oldest_unacked_age
-        .set(s.metrics.held_since.oldest_age().as_secs_f64());
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(),
-    )
-}
-
-async fn healthz() -> impl IntoResponse {
-    (StatusCode::OK, "ok\n")
-}
-
-async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
-    let h = &s.health;
-    if h.ready() {
-        return (StatusCode::OK, "ready\n".to_string());
-    }
-    let why = [
-        (!h.broker_connected.load(Ordering::Relaxed)).then_some("broker not connected"),
-        (!h.database_ok.load(Ordering::Relaxed)).then_some("database not reachable"),
-        h.draining.load(Ordering::Relaxed).then_some("draining"),
-    ]
-    .into_iter()
-    .flatten()
-    .map(str::to_string)
-    .chain(h.check_failures())
-    .collect::<Vec<_>>()
-    .join(", ");
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!("not ready: {why}\n"),
-    )
-}
-
-/// Binds the telemetry port and serves until `stop` is cancelled. Returns
-/// the bound address (useful with port 0).
-pub async fn serve(
-    listen: SocketAddr,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    stop: CancellationToken,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let addr = listener.local_addr()?;
-    let app = Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(HttpState { metrics, health });
-    let handle = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-        {
-            tracing::error!(error = %e, "telemetry server failed");
-        }
-    });
-    Ok((addr, handle))
-}
-
-/// Installs the global tracing subscriber. `RUST_LOG` wins over the config.
-pub fn init_tracing(cfg: &LogConfig) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let result = match cfg.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.try_init(),
-    };
-    // A second init (tests, or `demo` after `simulate`) keeps the first.
-    drop(result);
 }
