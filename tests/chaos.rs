@@ -43,6 +43,7 @@ use common::{
 };
 use conveyor::produce::{Intent, Mix, OrderGen};
 use conveyor::sim::{EndpointKnobs, Knobs};
+use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::config::ClientConfig;
@@ -231,7 +232,7 @@ async fn finish_rabbit(env: &Env, daemon: &mut Daemon, stored: i64, n: u64) {
         || async { env.ready(&env.queue).await == 0 && unacked(&env.queue).await == 0 },
     )
     .await;
-    daemon.signal(libc::SIGTERM);
+    daemon.signal(Signal::SIGTERM);
     let (code, _) = daemon.wait(Duration::from_secs(30)).await;
     assert_eq!(code, Some(0), "drain; log:\n{}", daemon.log_text());
 }
@@ -262,7 +263,7 @@ async fn rabbitmq_kill9_at_random_moments_loses_and_doubles_nothing() {
         let what = format!("{at} rows stored before kill {k} (CHAOS_SEED={})", s.seed);
         wait_for(&what, limit(n), || async { env.rows().await >= *at }).await;
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
-        daemon.signal(libc::SIGKILL);
+        daemon.signal(Signal::SIGKILL);
         let (code, _) = daemon.wait(Duration::from_secs(10)).await;
         assert_eq!(code, None, "died of the signal");
         let killed = Instant::now();
@@ -506,7 +507,7 @@ on_both_brokers! {
         let what = format!("{at} rows stored before kill {k} (CHAOS_SEED={})", s.seed);
         wait_for(&what, limit(n), || async { env.rows().await >= *at }).await;
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
-        daemon.signal(libc::SIGKILL);
+        daemon.signal(Signal::SIGKILL);
         let (code, _) = daemon.wait(Duration::from_secs(10)).await;
         assert_eq!(code, None, "died of the signal");
         let killed = Instant::now();
@@ -527,7 +528,7 @@ on_both_brokers! {
         },
     )
     .await;
-    daemon.signal(libc::SIGTERM);
+    daemon.signal(Signal::SIGTERM);
     let (code, _) = daemon.wait(Duration::from_secs(30)).await;
     assert_eq!(code, Some(0), "drain; log:\n{}", daemon.log_text());
     let dead = kafka_dead_letters(&brokers, &dlq, &gen);
@@ -786,7 +787,7 @@ on_both_brokers! {
         },
     )
     .await;
-    daemon.signal(libc::SIGTERM);
+    daemon.signal(Signal::SIGTERM);
     let (code, _) = daemon.wait(Duration::from_secs(30)).await;
     assert_eq!(code, Some(0), "drain; log:\n{}", daemon.log_text());
     let dead = kafka_dead_letters(&brokers, &dlq, &gen);

@@ -13,6 +13,7 @@ use common::{metric, wait_for, Backend, Daemon, Env, InProcess, KafkaBroker};
 use conveyor::config::{Config, SourceKind};
 use conveyor::produce::{Intent, Mix, OrderGen};
 use conveyor::sim::Knobs;
+use nix::sys::signal::Signal;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -312,7 +313,7 @@ on_both_brokers! {
     })
     .await;
     assert_revokes_waited("a", a.http).await;
-    a.signal(libc::SIGTERM);
+    a.signal(Signal::SIGTERM);
     produce(&broker, &topic, &gen, 6_000..9_000).await;
     let (code, _) = a.wait(Duration::from_secs(30)).await;
     assert_eq!(code, Some(0), "log:\n{}", a.log_text());
@@ -329,7 +330,7 @@ on_both_brokers! {
         "b saw a leave and took part in c's join"
     );
     for d in [&mut b, &mut c] {
-        d.signal(libc::SIGTERM);
+        d.signal(Signal::SIGTERM);
         let (code, _) = d.wait(Duration::from_secs(30)).await;
         assert_eq!(code, Some(0), "log:\n{}", d.log_text());
     }

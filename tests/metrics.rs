@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::{wait_for, Daemon, Env};
 use conveyor::produce::{Mix, OrderGen};
 use conveyor::sim::Knobs;
+use nix::sys::signal::Signal;
 
 const FAMILIES: &[&str] = &[
     "conveyor_messages_received_total",
@@ -108,7 +109,7 @@ async fn a_live_scrape_passes_promtool_and_has_every_family() {
             .status(),
         200
     );
-    daemon.signal(libc::SIGTERM);
+    daemon.signal(Signal::SIGTERM);
     let (code, _) = daemon.wait(Duration::from_secs(15)).await;
     assert_eq!(code, Some(0));
     env.cleanup().await;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{Daemon, Env};
 use conveyor::sim::Knobs;
+use nix::sys::signal::Signal;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_watchdog_and_stopping_arrive_in_order() {
@@ -60,7 +61,7 @@ async fn ready_watchdog_and_stopping_arrive_in_order() {
         read_until(&mut seen, "WATCHDOG=1", Duration::from_secs(2)),
         "{seen:?}"
     );
-    daemon.signal(libc::SIGTERM);
+    daemon.signal(Signal::SIGTERM);
     assert!(
         read_until(&mut seen, "STOPPING=1", Duration::from_secs(10)),
         "{seen:?}"

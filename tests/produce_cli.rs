@@ -7,6 +7,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use conveyor::produce::{Mix, OrderGen};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
@@ -260,8 +262,7 @@ fn a_signal_stops_publishing_and_the_summary_counts_what_the_broker_holds() {
         .expect("spawn conveyor produce");
     std::thread::sleep(Duration::from_millis(1500));
     let pid = i32::try_from(child.id()).expect("pid");
-    // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    kill(Pid::from_raw(pid), Signal::SIGINT).expect("SIGINT to our own child");
     let started = Instant::now();
     let out = child.wait_with_output().expect("wait for produce");
     assert!(

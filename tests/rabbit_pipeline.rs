@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use common::{metric, unacked, wait_for, Daemon, Env, InProcess};
 use conveyor::produce::{Mix, OrderGen};
 use conveyor::sim::{EndpointKnobs, Knobs};
+use nix::sys::signal::Signal;
 
 /// Runs the daemon in-process until `acked_target` messages are acked, then
 /// stops it and returns its report and the seconds it took to get there.
@@ -122,7 +123,7 @@ async fn sigterm_mid_run_drains_cleanly_and_a_restart_finishes_the_rest() {
         },
     )
     .await;
-    first.signal(libc::SIGTERM);
+    first.signal(Signal::SIGTERM);
     let (code, took) = first.wait(Duration::from_secs(15)).await;
     println!(
         "drain: exit {code:?} {:.3} s after SIGTERM",
@@ -153,7 +154,7 @@ async fn sigterm_mid_run_drains_cleanly_and_a_restart_finishes_the_rest() {
         || async { metric(second.http, "conveyor_unacked_messages").await == Some(0.0) },
     )
     .await;
-    second.signal(libc::SIGTERM);
+    second.signal(Signal::SIGTERM);
     let (code, _) = second.wait(Duration::from_secs(15)).await;
     assert_eq!(code, Some(0));
     assert_eq!(env.rows().await, n as i64);
@@ -205,7 +206,7 @@ async fn a_slow_stage_never_lets_unacked_exceed_prefetch_and_memory_stays_flat()
     let acked = metric(daemon.http, "conveyor_messages_acked_total")
         .await
         .unwrap_or(0.0);
-    daemon.signal(libc::SIGTERM);
+    daemon.signal(Signal::SIGTERM);
     let (code, _) = daemon.wait(Duration::from_secs(15)).await;
     assert_eq!(code, Some(0));
     let samples = samples.lock().unwrap().clone();

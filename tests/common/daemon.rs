@@ -10,6 +10,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use conveyor::config::Config;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 use super::env::Env;
@@ -96,10 +98,10 @@ impl Daemon {
         self.pid
     }
 
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.pid(), sig) };
-        assert_eq!(rc, 0, "kill({}, {sig})", self.pid());
+    pub fn signal(&self, sig: Signal) {
+        if let Err(e) = kill(Pid::from_raw(self.pid()), sig) {
+            panic!("kill({}, {sig}): {e}", self.pid());
+        }
     }
 
     /// Waits for exit; returns the exit code and how long it took.

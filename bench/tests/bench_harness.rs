@@ -2,6 +2,10 @@
 //! against the real RabbitMQ and PostgreSQL, writes its table and plot, and
 //! leaves no queue or database behind. (Its figures are not checked here:
 //! targets live in the benchmark, never in timed tests.)
+//!
+//! The benchmark runs the daemon binary built beside it (`conveyor`, from
+//! the workspace's other package): `cargo nextest run --workspace` builds
+//! both.
 
 use std::process::Command;
 

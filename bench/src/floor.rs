@@ -88,7 +88,7 @@ async fn consumer(ch: &Channel, queue: &str, tag: &str) -> anyhow::Result<lapin:
 }
 
 /// Acks with `multiple` once every tag up to it is done: the bare minimum,
-/// where conveyor's `ack::AmqpAckRuns` also acks past gaps one by one.
+/// where conveyor's `source::rabbitmq::acks::AmqpAckRuns` also acks past gaps one by one.
 struct Acker {
     done: BTreeSet<u64>,
     next: u64,

@@ -2,10 +2,12 @@
 //! kernel says about them: CPU time, resident memory, exit.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{sysconf, Pid, SysconfVar};
 
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -14,6 +16,7 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 pub struct Proc {
+    child: Child,
     pid: i32,
     log: PathBuf,
     reaped: bool,
@@ -46,9 +49,9 @@ impl Proc {
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let pid = i32::try_from(child.id()).context("pid")?;
-        // Reaped with waitpid in poll_exit, which also samples its peak RSS.
-        std::mem::forget(child);
+        // Reaped in poll_exit, which also samples its peak RSS first.
         Ok(Self {
+            child,
             pid,
             log,
             reaped: false,
@@ -104,17 +107,17 @@ impl Proc {
             .zip(fields.get(12))
             .and_then(|(u, s)| Some(u.parse::<u64>().ok()? + s.parse::<u64>().ok()?))
             .context("utime/stime in /proc/PID/stat")?;
-        // SAFETY: sysconf only reads a constant.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        let hz = sysconf(SysconfVar::CLK_TCK)
+            .context("sysconf(CLK_TCK)")?
+            .unwrap_or(100);
         Ok(ticks as f64 / hz.max(1) as f64)
     }
 
-    pub fn signal(&self, sig: i32) {
+    /// Sends `sig` to the child unless it was reaped (its pid may be reused).
+    pub fn signal(&self, sig: Signal) {
         if !self.reaped {
-            // SAFETY: plain kill(2) on our own child.
-            unsafe {
-                libc::kill(self.pid, sig);
-            }
+            // It may have exited unreaped a moment ago: nothing to do then.
+            let _ = kill(Pid::from_raw(self.pid), sig);
         }
     }
 
@@ -140,18 +143,13 @@ impl Proc {
             anyhow::bail!("already reaped");
         }
         self.sample_hwm();
-        let mut status = 0;
-        // SAFETY: waitpid on our own child, without blocking.
-        let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
-        if r == 0 {
+        let Some(status) = self.child.try_wait()? else {
             return Ok(None);
-        }
-        if r < 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
+        };
         self.reaped = true;
         Ok(Some(Exit {
-            code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+            // None when a signal ended it.
+            code: status.code(),
             max_rss_kib: self.hwm_kib,
         }))
     }
@@ -177,7 +175,7 @@ impl Proc {
     /// SIGTERM, then the seconds until exit and the exit report.
     pub async fn terminate(&mut self, within: Duration) -> anyhow::Result<(f64, Exit)> {
         let started = Instant::now();
-        self.signal(libc::SIGTERM);
+        self.signal(Signal::SIGTERM);
         let exit = self.wait(within).await?;
         Ok((started.elapsed().as_secs_f64(), exit))
     }
@@ -186,12 +184,9 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         if !self.reaped {
-            self.signal(libc::SIGKILL);
-            let mut status = 0;
-            // SAFETY: reaping our own killed child.
-            unsafe {
-                libc::waitpid(self.pid, &mut status, 0);
-            }
+            // SIGKILL, then reap it.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }

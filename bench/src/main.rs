@@ -175,7 +175,7 @@ impl Bench {
         let bin = std::env::current_exe()?.with_file_name("conveyor");
         anyhow::ensure!(
             bin.exists(),
-            "{} not found: build it first (`cargo build --release --bins`, which scripts/bench does)",
+            "{} not found: build it first (`cargo build --release --workspace`, which scripts/bench does)",
             bin.display()
         );
         let database = &args.database;
