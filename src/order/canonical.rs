@@ -44,19 +44,59 @@ pub(crate) const NUMERIC_MAX_EXPONENT: i64 = 1_073_741_822;
 
 /// Canonicalises `text`, whose canonical form may be at most `limit` bytes.
 pub(crate) fn canonicalize(text: &str, limit: usize) -> Result<Vec<u8>, Poison> {
-    let mut c = Canonicalizer {
-        src: text.as_bytes(),
-        pos: 0,
-        // Whitespace goes, separators come: orders end up about this size.
-        out: Vec::with_capacity(text.len() + text.len() / 8 + 16),
-        limit,
-        stack: Vec::with_capacity(8),
-        members: Vec::new(),
-        keys: Vec::new(),
-        scratch: Vec::new(),
-    };
-    c.run()?;
-    Ok(c.out)
+    SCRATCH.with(|cell| {
+        let mut scratch = cell.take();
+        let mut c = Canonicalizer {
+            src: text.as_bytes(),
+            pos: 0,
+            // Whitespace goes, separators come: orders end up about this size.
+            out: Vec::with_capacity(text.len() + text.len() / 4 + 16),
+            limit,
+            stack: std::mem::take(&mut scratch.stack),
+            members: std::mem::take(&mut scratch.members),
+            keys: std::mem::take(&mut scratch.keys),
+            scratch: std::mem::take(&mut scratch.bytes),
+        };
+        c.stack.clear();
+        c.members.clear();
+        c.keys.clear();
+        let result = c.run();
+        // Keep the buffers for the next message on this thread, unless a
+        // large one made them large.
+        let keep = |mut v: Vec<u8>| {
+            if v.capacity() > SCRATCH_KEEP_BYTES {
+                v = Vec::new();
+            }
+            v
+        };
+        scratch.stack = c.stack;
+        scratch.members = if c.members.capacity() > SCRATCH_KEEP_BYTES / 32 {
+            Vec::new()
+        } else {
+            c.members
+        };
+        scratch.keys = keep(c.keys);
+        scratch.bytes = keep(c.scratch);
+        cell.replace(scratch);
+        result.map(|()| c.out)
+    })
+}
+
+/// Working buffers reused across messages on one thread, so that decoding
+/// a typical order allocates only its output.
+#[derive(Default)]
+struct Scratch {
+    stack: Vec<Frame>,
+    members: Vec<Member>,
+    keys: Vec<u8>,
+    bytes: Vec<u8>,
+}
+
+/// Largest scratch buffer kept between messages.
+const SCRATCH_KEEP_BYTES: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
 #[derive(Clone, Copy)]
@@ -323,13 +363,7 @@ impl Canonicalizer<'_> {
         // The common case: nothing escaped, so the text is its own decoded
         // and canonical form (the input is valid UTF-8 and a raw '"', '\'
         // or control character cannot be inside a string).
-        let mut i = start;
-        while let Some(&b) = self.src.get(i) {
-            if b == b'"' || b == b'\\' || b < 0x20 {
-                break;
-            }
-            i += 1;
-        }
+        let i = plain_run_end(self.src, start);
         if self.src.get(i) == Some(&b'"') {
             let content = &self.src[start..i];
             if is_key {
@@ -401,13 +435,7 @@ impl Canonicalizer<'_> {
                 }
                 _ => {
                     let run_start = self.pos;
-                    let mut i = run_start;
-                    while let Some(&b) = self.src.get(i) {
-                        if b == b'"' || b == b'\\' || b < 0x20 {
-                            break;
-                        }
-                        i += 1;
-                    }
+                    let i = plain_run_end(self.src, run_start);
                     decoded.extend_from_slice(&self.src[run_start..i]);
                     self.pos = i;
                 }
@@ -678,6 +706,35 @@ impl Canonicalizer<'_> {
     }
 }
 
+/// Where the run of string bytes that need no decoding (anything but `"`,
+/// `\` and C0 controls) starting at `i` ends. Eight bytes at a time: the
+/// lowest byte flagged by the zero-byte tests is always a true match.
+fn plain_run_end(s: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    while let Some(chunk) = s.get(i..i + 8) {
+        let Ok(chunk) = <[u8; 8]>::try_from(chunk) else {
+            break;
+        };
+        let w = u64::from_le_bytes(chunk);
+        let hits = zero_byte(w ^ (ONES * u64::from(b'"')))
+            | zero_byte(w ^ (ONES * u64::from(b'\\')))
+            | (w.wrapping_sub(ONES * 0x20) & !w & HIGH);
+        if hits != 0 {
+            return i + (hits.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while let Some(&b) = s.get(i) {
+        if b == b'"' || b == b'\\' || b < 0x20 {
+            break;
+        }
+        i += 1;
+    }
+    i
+}
+
 /// Writes a decoded string as `jsonb` prints one: `"`, `\` and C0 controls
 /// escaped, the named escapes where JSON has them.
 fn escape_into(out: &mut Vec<u8>, s: &[u8]) {
@@ -838,6 +895,35 @@ mod tests {
         canon(&ok);
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         assert_eq!(refused(&deep).kind, PoisonKind::MalformedJson);
+    }
+
+    #[test]
+    fn the_plain_run_scan_finds_the_first_special_byte() {
+        let slow = |s: &[u8], i: usize| {
+            (i..s.len())
+                .find(|&j| s[j] == b'"' || s[j] == b'\\' || s[j] < 0x20)
+                .unwrap_or(s.len())
+        };
+        let bytes: Vec<u8> = (0u8..=255).chain(0u8..=255).collect();
+        for special in [b'"', b'\\', 0, 0x1f, b'\n'] {
+            for at in 0..40 {
+                let mut s: Vec<u8> = "é中😀abcdefghijklmnopqrstuvwxyz0123456789AB"
+                    .bytes()
+                    .take(40)
+                    .collect();
+                s[at] = special;
+                for i in 0..s.len() {
+                    assert_eq!(
+                        plain_run_end(&s, i),
+                        slow(&s, i),
+                        "{special} at {at} from {i}"
+                    );
+                }
+            }
+        }
+        for i in 0..bytes.len() {
+            assert_eq!(plain_run_end(&bytes, i), slow(&bytes, i));
+        }
     }
 
     #[test]
