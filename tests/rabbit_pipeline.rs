@@ -361,3 +361,60 @@ async fn rejections_and_declines_are_stored_with_their_reasons() {
     assert_eq!(env.check_ledger().await, 2);
     env.cleanup().await;
 }
+
+/// A drain that hits `shutdown.drain_timeout` exits with its own code, not
+/// 0, so that a supervisor can tell it from a clean drain; what it held is
+/// left unacknowledged and the broker has it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_past_its_deadline_exits_with_its_own_code() {
+    let env = Env::new(
+        "drain_deadline",
+        Knobs {
+            // The rule engine never answers: every order stays in flight.
+            validate: EndpointKnobs {
+                timeout_rate: 1.0,
+                ..Default::default()
+            },
+            ..Knobs::default()
+        },
+    )
+    .await;
+    let gen = OrderGen::new(env.name.clone(), Mix::default());
+    let n = 20u64;
+    env.publish((0..n).map(|i| gen.message(i).1)).await;
+    let mut daemon = Daemon::start(
+        &env,
+        &[
+            ("CONVEYOR__SHUTDOWN__DRAIN_TIMEOUT", "300ms"),
+            // Longer than the whole test: no attempt ends before the deadline.
+            ("CONVEYOR__RULE_ENGINE__TIMEOUT", "10m"),
+        ],
+    )
+    .await;
+    wait_for("every order in flight", Duration::from_secs(30), || async {
+        metric(daemon.http, "conveyor_unacked_messages").await == Some(n as f64)
+    })
+    .await;
+    daemon.signal(libc::SIGTERM);
+    let (code, took) = daemon.wait(Duration::from_secs(15)).await;
+    println!(
+        "drain past its deadline: exit {code:?} {:.3} s after SIGTERM",
+        took.as_secs_f64()
+    );
+    assert_eq!(
+        code,
+        Some(i32::from(conveyor::EXIT_DRAIN_TIMEOUT)),
+        "log:\n{}",
+        daemon.log_text()
+    );
+    assert_eq!(conveyor::EXIT_DRAIN_TIMEOUT, 75, "the documented code");
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+    assert_eq!(env.rows().await, 0);
+    wait_for(
+        "every order back in the queue",
+        Duration::from_secs(30),
+        || async { env.ready(&env.queue).await == n as u32 },
+    )
+    .await;
+    env.cleanup().await;
+}
