@@ -684,12 +684,56 @@ pub struct Scrubber {
     secrets: Vec<Secret>,
 }
 
+impl fmt::Debug for Scrubber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Scrubber({} secrets)", self.secrets.len())
+    }
+}
+
 impl Scrubber {
     /// `text` with every secret replaced by `[redacted]`.
     pub fn scrub(&self, text: &str) -> String {
         self.secrets.iter().fold(text.to_string(), |text, secret| {
             text.replace(secret.expose(), REDACTED)
         })
+    }
+
+    /// Wraps a log writer: every line is scrubbed on its way out, whichever
+    /// library logged it (librdkafka, for one, quotes a property value it
+    /// cannot parse; the PostgreSQL driver quotes an unknown URL parameter).
+    pub fn writer<W: std::io::Write>(
+        self,
+        make: impl Fn() -> W,
+    ) -> impl Fn() -> ScrubbingWriter<W> {
+        let scrubber = std::sync::Arc::new(self);
+        move || ScrubbingWriter {
+            inner: make(),
+            scrubber: scrubber.clone(),
+        }
+    }
+}
+
+/// A writer that scrubs what goes through it; see [`Scrubber::writer`].
+/// Each write is scrubbed whole: `tracing`'s formatter writes one event in
+/// one call, so a secret is never split across two.
+pub struct ScrubbingWriter<W> {
+    inner: W,
+    scrubber: std::sync::Arc<Scrubber>,
+}
+
+impl<W: std::io::Write> std::io::Write for ScrubbingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match std::str::from_utf8(buf) {
+            Ok(text) if !self.scrubber.secrets.is_empty() => {
+                self.inner.write_all(self.scrubber.scrub(text).as_bytes())?
+            }
+            _ => self.inner.write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -721,13 +765,46 @@ impl Config {
         ] {
             secrets.extend(url_secrets(raw));
         }
-        secrets.extend(
-            self.kafka
-                .properties
-                .iter()
-                .filter(|(k, _)| is_secret_name(k))
-                .map(|(_, v)| v.clone()),
-        );
+        for (key, value) in &self.kafka.properties {
+            if !is_secret_name(key) {
+                continue;
+            }
+            secrets.push(value.clone());
+            if key.ends_with("config") {
+                // `k=v k=v` lists: librdkafka quotes the rest of one from
+                // where it stopped parsing ("…beginning at: k=v k=v"), or one
+                // `k=v` alone.
+                // Only parts that begin with a `k=v`: a bare word could be
+                // any word of any line.
+                let starts_pair = |part: &str| {
+                    part.split_whitespace()
+                        .next()
+                        .is_some_and(|t| t.contains('=') && t.len() > 2)
+                };
+                for (at, _) in value.match_indices(char::is_whitespace) {
+                    let tail = value[at..].trim_start();
+                    if starts_pair(tail) {
+                        secrets.push(tail.to_string());
+                    }
+                }
+                secrets.extend(
+                    value
+                        .split_whitespace()
+                        .filter(|t| starts_pair(t))
+                        .map(str::to_string),
+                );
+            }
+        }
+        // As a JSON log line and a `?`-formatted field would show them.
+        let escaped: Vec<String> = secrets
+            .iter()
+            .flat_map(|s| {
+                let json = serde_json::to_string(s).unwrap_or_default();
+                let debug = format!("{s:?}");
+                [json, debug].map(|q| q.trim_matches('"').to_string())
+            })
+            .collect();
+        secrets.extend(escaped);
         secrets.retain(|s| !s.is_empty());
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         secrets.dedup();
@@ -1166,6 +1243,41 @@ fn check_database_url(raw: &str) -> Result<(), String> {
             "no host (give one, or ?host=/socket/directory)",
         ));
     }
+    // The PostgreSQL driver ignores a parameter it does not know with a
+    // warning that quotes its value — a secret, for `?sslpassword=` — and
+    // the setting silently does nothing: refused here instead.
+    const PARAMS: [&str; 18] = [
+        "sslmode",
+        "ssl-mode",
+        "sslrootcert",
+        "ssl-root-cert",
+        "ssl-ca",
+        "sslcert",
+        "ssl-cert",
+        "sslkey",
+        "ssl-key",
+        "statement-cache-capacity",
+        "host",
+        "hostaddr",
+        "port",
+        "dbname",
+        "user",
+        "password",
+        "application_name",
+        "options",
+    ];
+    if let Some((key, _)) = url.query_pairs().find(|(k, _)| {
+        !(PARAMS.contains(&k.as_ref()) || k.starts_with("options[") && k.ends_with(']'))
+    }) {
+        return Err(url_error(
+            FORM,
+            raw,
+            format!(
+                "unknown query parameter {key:?} (known: {}, options[NAME])",
+                PARAMS.join(", ")
+            ),
+        ));
+    }
     sqlx::postgres::PgConnectOptions::from_str(raw)
         .map(drop)
         .map_err(|e| url_error(FORM, raw, e))
@@ -1482,6 +1594,11 @@ mod tests {
                 "postgres://db/x?sslmode=sure",
                 "database.url: ",
             ),
+            (
+                "CONVEYOR__DATABASE__URL",
+                "postgres://db/x?sslpassword=pw",
+                "unknown query parameter \"sslpassword\"",
+            ),
             ("CONVEYOR__DATABASE__URL", "sqlite:", "no file"),
             ("CONVEYOR__DATABASE__URL", "sqlite://", "no file"),
             ("CONVEYOR__KAFKA__BROKERS", "", "kafka.brokers: "),
@@ -1765,6 +1882,33 @@ mod tests {
             .scrubber()
             .scrub(&format!("refused {secret:?} for ssl.key.pem"));
         assert_eq!(scrubbed, "refused \"[redacted]\" for ssl.key.pem");
+        // Escaped as JSON and Debug show it.
+        cfg.kafka
+            .properties
+            .insert("sasl.oauthbearer.config".into(), "a=\"q\\".into());
+        let scrubber = cfg.scrubber();
+        assert_eq!(
+            scrubber.scrub(r#"{"e":"x a=\"q\\ y"}"#),
+            r#"{"e":"x [redacted] y"}"#
+        );
+        #[derive(Clone, Default)]
+        struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Shared {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("lock").extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Shared::default();
+        let sink = out.clone();
+        let make = scrubber.writer(move || sink.clone());
+        std::io::Write::write_all(&mut make(), format!("oops {secret}\n").as_bytes())
+            .expect("write");
+        let written = out.0.lock().expect("lock").clone();
+        assert_eq!(String::from_utf8_lossy(&written), "oops [redacted]\n");
     }
 
     #[test]

@@ -209,10 +209,10 @@ fn main() -> ExitCode {
         // The demo prints its own summary; per-order lines would drown it.
         log.level = "error".into();
     }
-    telemetry::init_tracing(&log);
-    // Taken before the configuration moves into the runtime: a fatal error
-    // may quote a library's words, which may quote a secret.
+    // Libraries' words reach the log and a fatal error, and some quote the
+    // value they refused: whatever is printed is scrubbed of every secret.
     let scrubber = config.scrubber();
+    telemetry::init_tracing(&log, scrubber.clone());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -395,7 +395,7 @@ async fn a_drain_past_its_deadline_exits_with_its_own_code() {
         metric(daemon.http, "conveyor_unacked_messages").await == Some(n as f64)
     })
     .await;
-    daemon.signal(libc::SIGTERM);
+    daemon.signal(Signal::SIGTERM);
     let (code, took) = daemon.wait(Duration::from_secs(15)).await;
     println!(
         "drain past its deadline: exit {code:?} {:.3} s after SIGTERM",

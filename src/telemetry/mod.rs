@@ -14,14 +14,14 @@ pub use server::serve;
 use crate::config::{LogConfig, LogFormat};
 
 /// Installs the global tracing subscriber. `RUST_LOG` wins over the config.
-pub fn init_tracing(cfg: &LogConfig) {
+pub fn init_tracing(cfg: &LogConfig, secrets: crate::config::Scrubber) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(secrets.writer(std::io::stderr));
     let result = match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Pretty => builder.try_init(),
