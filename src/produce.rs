@@ -170,7 +170,12 @@ where
     let mut pace = Pace::new(rate_per_sec)?;
     let connection = Connection::connect_uri(amqp_uri(cfg)?, ConnectionProperties::default())
         .await
-        .map_err(|e| anyhow::anyhow!("connecting to RabbitMQ at {}: {e}", cfg.url))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "connecting to RabbitMQ at {}: {e}",
+                crate::config::redact_url(&cfg.url)
+            )
+        })?;
     let channel = connection.create_channel().await?;
     if cfg.declare {
         declare_topology(&channel, cfg).await?;
