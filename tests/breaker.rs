@@ -334,3 +334,72 @@ async fn a_traceparent_published_with_the_message_reaches_both_downstreams() {
     env.check_ledger().await;
     env.cleanup().await;
 }
+
+/// A partial failure that retries absorb is not an outage: with 30 % of
+/// payment calls answered 503, and the breaker at its defaults, the circuit
+/// stays closed throughout and every order is stored, none dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_percent_503s_keep_the_circuit_closed_and_store_every_order() {
+    const N: u64 = 3_000;
+    let partial = Knobs {
+        charge: EndpointKnobs {
+            latency_ms: 2,
+            error_rate: 0.3,
+            ..Default::default()
+        },
+        ..Knobs::default()
+    };
+    let env = Env::new("breaker_partial", partial).await;
+    let gen = OrderGen::new(
+        env.name.clone(),
+        Mix {
+            poison_pct: 0.0,
+            reject_pct: 3.0,
+            decline_pct: 3.0,
+        },
+    );
+    env.publish((0..N).map(|i| gen.message(i).1)).await;
+
+    let config = env.config();
+    let daemon = InProcess::start(config).await;
+    let started = Instant::now();
+    let deadline = Duration::from_secs(120);
+    let mut states_seen = HashMap::<i64, u32>::new();
+    loop {
+        *states_seen
+            .entry(daemon.metric(PAYMENT_CIRCUIT).await as i64)
+            .or_default() += 1;
+        if daemon.metric("conveyor_messages_acked_total").await >= N as f64 {
+            break;
+        }
+        assert!(
+            started.elapsed() < deadline,
+            "not every message acked within {deadline:?}; circuit states seen: {states_seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    let errors = daemon
+        .metric(
+            "conveyor_downstream_requests_total{downstream=\"payment\",result=\"server_error\"}",
+        )
+        .await;
+    let dead = daemon.metric("conveyor_dead_letters_total").await;
+    let stored = env.rows_by_status().await;
+    let report = daemon.stop().await;
+    println!(
+        "30 % 503s: {N} orders acked in {:.2} s ({:.0}/s), {errors} payment 503s, \
+         circuit states seen (0 closed, 1 half-open, 2 open): {states_seen:?}; \
+         stored {stored:?}; {report:?}",
+        took.as_secs_f64(),
+        N as f64 / took.as_secs_f64()
+    );
+    assert!(errors > 0.0, "the simulator answered no 503");
+    assert_eq!(
+        states_seen.keys().collect::<Vec<_>>(),
+        vec![&0],
+        "the circuit left closed"
+    );
+    assert_eq!(dead, 0.0, "dead-lettered");
+    assert_eq!(stored.values().sum::<i64>(), N as i64, "{stored:?}");
+}
