@@ -79,7 +79,11 @@ impl Daemon {
         };
         let started = Instant::now();
         loop {
-            if let Ok(r) = reqwest::get(format!("http://{http}/readyz")).await {
+            if let Ok(r) = super::http()
+                .get(format!("http://{http}/readyz"))
+                .send()
+                .await
+            {
                 if r.status().is_success() {
                     break;
                 }

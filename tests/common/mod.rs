@@ -34,6 +34,20 @@ pub use kafka::{
     kafka_committed_and_end, kafka_daemon_config_file, kafka_produce, Backend, KafkaBroker,
 };
 
+/// The HTTP client of the helpers. Every request has a timeout: a poll
+/// with a deadline only checks it between attempts, so one request that
+/// never gets an answer (a port taken meanwhile by something that does not
+/// speak HTTP, a daemon frozen mid-response) must not hang the test.
+pub fn http() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("HTTP client")
+    })
+}
+
 /// Polls `cond` until it holds or `limit` passes; panics with `what`.
 pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut cond: F)
 where
@@ -55,7 +69,9 @@ where
 
 /// One metric's value from a `/metrics` scrape (sum over label sets).
 pub async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://{addr}/metrics"))
+    let text = http()
+        .get(format!("http://{addr}/metrics"))
+        .send()
         .await
         .ok()?
         .text()
@@ -77,6 +93,10 @@ pub async fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
 
 /// `/readyz` of a daemon: Some(true) 200, Some(false) 503, None unreachable.
 pub async fn ready(addr: SocketAddr) -> Option<bool> {
-    let r = reqwest::get(format!("http://{addr}/readyz")).await.ok()?;
+    let r = http()
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .ok()?;
     Some(r.status().is_success())
 }
