@@ -2,7 +2,8 @@
 //! independent client (confluent-kafka, its own librdkafka) with gzip,
 //! snappy, lz4 and zstd are consumed to the log end; what conveyor produces
 //! with each codec (`conveyor produce --compression`) reads back in that
-//! client. On both brokers (`NAME::mock`, `NAME::tansu`).
+//! client. A source topic that does not exist keeps the daemon not ready,
+//! saying why. On both brokers (`NAME::mock`, `NAME::tansu`).
 
 mod common;
 
@@ -132,4 +133,48 @@ fn produce_refuses_an_unknown_codec_and_compression_for_rabbitmq() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--compression is for Kafka"), "{err}");
+}
+
+on_both_brokers! {
+    /// A source topic that does not exist: never reported ready while
+    /// consuming nothing. `/readyz` answers 503 naming the topic,
+    /// `conveyor_kafka_topic_unavailable{topic}` is 1; once the topic is
+    /// created the daemon becomes ready and consumes it.
+    async fn a_missing_source_topic_keeps_the_daemon_not_ready_and_says_why(backend: Backend) {
+        let env = Env::new("knotopic", Knobs::default()).await;
+        let broker = KafkaBroker::start(backend).await;
+        let brokers = broker.bootstrap_servers();
+        let topic = format!("{}-nope", env.name);
+        let member = InProcess::start(kafka_config(&env, &brokers, vec![topic.clone()])).await;
+        let readyz = || async {
+            let r = reqwest::get(format!("http://{}/readyz", member.addr))
+                .await
+                .expect("readyz");
+            (r.status().as_u16(), r.text().await.unwrap_or_default())
+        };
+        let gauge = format!("conveyor_kafka_topic_unavailable{{topic=\"{topic}\"}}");
+        wait_for("the missing topic reported", Duration::from_secs(30), || async {
+            metric(member.addr, &gauge).await == Some(1.0)
+        })
+        .await;
+        let (status, body) = readyz().await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains(&format!("{topic:?}")) && body.contains("cannot be consumed"), "{body}");
+        broker.create_topic(&topic, PARTITIONS).await;
+        wait_for("ready once the topic exists", Duration::from_secs(60), || async {
+            readyz().await.0 == 200
+        })
+        .await;
+        assert_eq!(metric(member.addr, &gauge).await, Some(0.0));
+        let gen = OrderGen::new(env.name.clone(), Mix { poison_pct: 0.0, ..Mix::default() });
+        broker
+            .produce(&topic, (0..50).map(|i| (gen.order_id(i), gen.message(i).1)))
+            .await;
+        wait_for("the orders stored", Duration::from_secs(120), || async {
+            env.rows().await == 50
+        })
+        .await;
+        member.stop().await;
+        env.cleanup().await;
+    }
 }

@@ -40,6 +40,14 @@ pub struct Metrics {
     pub ready: IntGauge,
     pub kafka_lag: IntGaugeVec,
     pub kafka_rebalance: IntCounterVec,
+    /// 1 for a configured topic that cannot be consumed (missing, not
+    /// authorised), per topic; see `source::kafka::consumable`.
+    pub kafka_topic_unavailable: IntGaugeVec,
+    /// 1 for an owned partition stuck behind a permanent consumer error.
+    pub kafka_partition_stuck: IntGaugeVec,
+    /// Permanent consumer errors (undecodable codec, corrupt batch, topic
+    /// missing or not authorised), by librdkafka error code.
+    pub kafka_consumer_errors: IntCounterVec,
     pub broker_errors: IntCounterVec,
     pub rabbitmq_queue: IntGaugeVec,
     pub circuit_state: IntGaugeVec,
@@ -203,6 +211,27 @@ impl Metrics {
                 ),
                 &["event"],
             )?,
+            kafka_topic_unavailable: IntGaugeVec::new(
+                Opts::new(
+                    "kafka_topic_unavailable",
+                    "1 while a configured topic cannot be consumed (does not exist, not authorised).",
+                ),
+                &["topic"],
+            )?,
+            kafka_partition_stuck: IntGaugeVec::new(
+                Opts::new(
+                    "kafka_partition_stuck",
+                    "1 while an owned partition with lag makes no progress behind a permanent consumer error (a codec this build cannot decode, a corrupt batch).",
+                ),
+                &["topic", "partition"],
+            )?,
+            kafka_consumer_errors: IntCounterVec::new(
+                Opts::new(
+                    "kafka_consumer_errors_total",
+                    "Permanent Kafka consumer errors by librdkafka error code.",
+                ),
+                &["code"],
+            )?,
             registry,
         };
         m.registry.register(Box::new(m.received.clone()))?;
@@ -225,6 +254,12 @@ impl Metrics {
         m.registry.register(Box::new(m.ready.clone()))?;
         m.registry.register(Box::new(m.kafka_lag.clone()))?;
         m.registry.register(Box::new(m.kafka_rebalance.clone()))?;
+        m.registry
+            .register(Box::new(m.kafka_topic_unavailable.clone()))?;
+        m.registry
+            .register(Box::new(m.kafka_partition_stuck.clone()))?;
+        m.registry
+            .register(Box::new(m.kafka_consumer_errors.clone()))?;
         m.registry.register(Box::new(m.broker_errors.clone()))?;
         m.registry.register(Box::new(m.rabbitmq_queue.clone()))?;
         m.registry.register(Box::new(m.circuit_state.clone()))?;

@@ -15,6 +15,7 @@ use rdkafka::Message;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use super::consumable::Consumable;
 use super::offsets::OffsetTracker;
 use super::{KafkaConsumer, KafkaSourceError};
 use crate::source::{AckToken, Delivery, Held, Position, TokenKind};
@@ -30,6 +31,7 @@ pub(super) async fn intake(
     stop: CancellationToken,
     closing: CancellationToken,
     metrics: Arc<Metrics>,
+    consumable: Arc<Consumable>,
 ) -> Result<(), KafkaSourceError> {
     let mut topics: HashMap<String, Arc<str>> = HashMap::new();
     let outcome = loop {
@@ -54,11 +56,15 @@ pub(super) async fn intake(
                 if let Some(fatal) = fatal_error(&consumer) {
                     break Err(fatal);
                 }
-                tracing::warn!(error = %e, "kafka consumer error");
                 metrics
                     .broker_errors
                     .with_label_values(&["kafka", "consumer_error"])
                     .inc();
+                // Permanent ones are counted, logged rate-limited and
+                // surfaced in /readyz there.
+                if !consumable.consumer_error(&e) {
+                    tracing::warn!(error = %e, "kafka consumer error");
+                }
                 continue;
             }
         };

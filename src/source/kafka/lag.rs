@@ -1,29 +1,52 @@
 //! Consumer lag: `conveyor_kafka_consumer_lag_messages{topic,partition}`,
 //! the broker's high watermark minus the group's committed offset, for
 //! every partition this member owns, refreshed every `kafka.lag_interval`.
+//! The same refresh asks the metadata of every configured topic and hands
+//! both to [`Consumable`](super::consumable::Consumable).
 
 use std::time::Duration;
 
 use rdkafka::consumer::Consumer;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::KafkaSource;
+use std::sync::Arc;
+
+use rdkafka::types::RDKafkaErrorCode;
+
+use super::consumable::{Consumable, PartitionSeen};
+use super::offsets::TopicPartition;
+use super::{KafkaConsumer, KafkaSource};
 
 /// Lag per owned partition: high watermark − committed offset, read from
 /// the broker on a blocking thread.
 pub(super) fn refresh_lag(src: &KafkaSource) -> tokio::task::JoinHandle<()> {
     let consumer = src.consumer.clone();
-    let owned = match src.tracker.lock() {
-        Ok(t) => t.owned(),
+    let owned: Vec<(TopicPartition, usize)> = match src.tracker.lock() {
+        Ok(t) => t
+            .owned()
+            .into_iter()
+            .map(|tp| {
+                let n = t.outstanding(&tp);
+                (tp, n)
+            })
+            .collect(),
         Err(_) => Vec::new(),
     };
     let gauge = src.metrics.kafka_lag.clone();
+    let consumable = src.consumable.clone();
+    let topics = src.cfg.topics.clone();
     tokio::task::spawn_blocking(move || {
+        check_topics(&consumer, &topics, &consumable);
         if owned.is_empty() {
+            consumable.partitions(&[]);
             return;
         }
+        let outstanding: std::collections::HashMap<(String, i32), usize> = owned
+            .iter()
+            .map(|((t, p), n)| ((t.to_string(), *p), *n))
+            .collect();
         let mut tpl = TopicPartitionList::new();
-        for (topic, partition) in &owned {
+        for ((topic, partition), _) in &owned {
             tpl.add_partition(topic, *partition);
         }
         let committed = match consumer.committed_offsets(tpl, Duration::from_secs(5)) {
@@ -33,19 +56,55 @@ pub(super) fn refresh_lag(src: &KafkaSource) -> tokio::task::JoinHandle<()> {
                 return;
             }
         };
+        let mut seen = Vec::new();
         for e in committed.elements() {
             let Ok((low, high)) =
                 consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(5))
             else {
                 continue;
             };
-            let lag = match e.offset() {
-                Offset::Offset(c) => high - c,
-                _ => high - low,
+            let position = match e.offset() {
+                Offset::Offset(c) => c,
+                _ => low,
             };
             gauge
                 .with_label_values(&[e.topic(), &e.partition().to_string()])
-                .set(lag.max(0));
+                .set((high - position).max(0));
+            seen.push(PartitionSeen {
+                tp: (Arc::from(e.topic()), e.partition()),
+                committed: position,
+                high,
+                outstanding: outstanding
+                    .get(&(e.topic().to_string(), e.partition()))
+                    .copied()
+                    .unwrap_or(0),
+            });
         }
+        consumable.partitions(&seen);
     })
+}
+
+/// Asks the broker's metadata about each configured topic (without
+/// creating it): a missing or unauthorised one cannot be consumed.
+fn check_topics(consumer: &KafkaConsumer, topics: &[String], consumable: &Consumable) {
+    for topic in topics {
+        match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            Ok(m) => {
+                let problem = m
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == topic)
+                    .map_or(Some("not in the broker's metadata".to_string()), |t| {
+                        t.error().map(|e| RDKafkaErrorCode::from(e).to_string())
+                    });
+                consumable.topic(topic, problem);
+            }
+            // The broker not answering is the connection's concern, not the topic's.
+            Err(e) => {
+                tracing::debug!(%topic, error = %e, "cannot read topic metadata");
+                return;
+            }
+        }
+    }
+    consumable.checked();
 }

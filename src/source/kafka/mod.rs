@@ -28,8 +28,10 @@
 //! the pipeline finished in the `offsets` tracker and commits; failed
 //! orders go out through `dead_letter`; `rebalance` is librdkafka's
 //! callback side (assign, revoke barrier, release on close); `lag`
-//! exports how far behind the group is.
+//! exports how far behind the group is, and `consumable` makes a topic or
+//! partition that cannot be consumed visible (metrics, `/readyz`, logs).
 
+pub mod consumable;
 mod dead_letter;
 mod intake;
 mod lag;
@@ -104,6 +106,7 @@ pub struct KafkaSource {
     prefetch: u64,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    consumable: Arc<consumable::Consumable>,
 }
 
 impl KafkaSource {
@@ -158,6 +161,8 @@ impl KafkaSource {
             .create()
             .map_err(client("creating the dead-letter producer"))?;
         Health::set(&health.broker_connected, true);
+        let consumable = Arc::new(consumable::Consumable::new(metrics.clone()));
+        health.watch(consumable.clone());
         tracing::info!(topics = ?cfg.topics, group = %cfg.group_id, "consuming from Kafka");
         Ok(Self {
             cfg: cfg.clone(),
@@ -169,6 +174,7 @@ impl KafkaSource {
             prefetch: u64::from(prefetch),
             metrics,
             health,
+            consumable,
         })
     }
 
@@ -191,6 +197,7 @@ impl KafkaSource {
             stop_intake,
             closing.clone(),
             self.metrics.clone(),
+            self.consumable.clone(),
         ));
         // The settlement loop owns the revoke receiver; a closed stand-in
         // stays in `self`.
