@@ -172,6 +172,71 @@ pub struct KafkaConfig {
     /// (`sasl.oauthbearer.config`) is redacted.
     #[serde(serialize_with = "serialize_redacted_properties")]
     pub properties: std::collections::BTreeMap<String, String>,
+    /// TLS and SASL as typed keys (`[kafka.security]`), see [`KafkaSecurity`].
+    pub security: KafkaSecurity,
+}
+
+/// Kafka TLS and SASL, each key mapped to its librdkafka property; an entry
+/// of `kafka.properties` with the same librdkafka name wins.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSecurity {
+    /// `security.protocol` (`plaintext`, `ssl`, `sasl_plaintext`,
+    /// `sasl_ssl`); unset: `sasl_ssl`/`ssl` when TLS files are given (with
+    /// and without `sasl_mechanism`), `sasl_plaintext` with SASL alone.
+    pub protocol: Option<String>,
+    /// PEM file of the CA(s) the brokers' certificates must chain to
+    /// (`ssl.ca.location`); unset: the system's CA store.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key, PEM (`ssl.certificate.location`,
+    /// `ssl.key.location`), for brokers that authenticate clients by TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// `sasl.mechanism`: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub sasl_mechanism: Option<String>,
+    pub username: Option<String>,
+    /// Secret: prefer `CONVEYOR__KAFKA__SECURITY__PASSWORD` or `password_file`.
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+}
+
+impl KafkaSecurity {
+    /// The librdkafka properties these keys stand for (the password file
+    /// read now; `Config::validate` has checked it can be).
+    pub fn librdkafka_properties(&self) -> Vec<(&'static str, String)> {
+        let mut p = Vec::new();
+        let tls = self.ca_file.is_some() || self.cert_file.is_some();
+        let sasl = self.sasl_mechanism.is_some();
+        let protocol = self.protocol.clone().or(match (tls, sasl) {
+            (true, true) => Some("sasl_ssl".into()),
+            (true, false) => Some("ssl".into()),
+            (false, true) => Some("sasl_plaintext".into()),
+            (false, false) => None,
+        });
+        let path = |f: &PathBuf| f.display().to_string();
+        p.extend(protocol.map(|v| ("security.protocol", v)));
+        p.extend(self.ca_file.as_ref().map(|f| ("ssl.ca.location", path(f))));
+        p.extend(
+            self.cert_file
+                .as_ref()
+                .map(|f| ("ssl.certificate.location", path(f))),
+        );
+        p.extend(
+            self.key_file
+                .as_ref()
+                .map(|f| ("ssl.key.location", path(f))),
+        );
+        p.extend(self.sasl_mechanism.clone().map(|v| ("sasl.mechanism", v)));
+        p.extend(self.username.clone().map(|v| ("sasl.username", v)));
+        if let Ok(Some(pw)) = resolve_secret(
+            "kafka.security.password",
+            &self.password,
+            &self.password_file,
+        ) {
+            p.push(("sasl.password", pw.expose().to_string()));
+        }
+        p
+    }
 }
 
 impl Default for KafkaConfig {
@@ -186,6 +251,7 @@ impl Default for KafkaConfig {
             lag_interval: Duration::from_secs(5),
             fetch_queue_kbytes: 4096,
             properties: Default::default(),
+            security: KafkaSecurity::default(),
         }
     }
 }
@@ -203,6 +269,7 @@ impl fmt::Debug for KafkaConfig {
             lag_interval,
             fetch_queue_kbytes,
             properties,
+            security,
         } = self;
         f.debug_struct("KafkaConfig")
             .field("brokers", brokers)
@@ -217,6 +284,7 @@ impl fmt::Debug for KafkaConfig {
                 "properties",
                 &redacted_properties(properties).collect::<std::collections::BTreeMap<_, _>>(),
             )
+            .field("security", security)
             .finish()
     }
 }
@@ -758,6 +826,11 @@ impl Config {
                 &self.rabbitmq.password,
                 &self.rabbitmq.password_file,
             ),
+            (
+                "kafka.security.password",
+                &self.kafka.security.password,
+                &self.kafka.security.password_file,
+            ),
         ] {
             secrets.extend(inline.iter().map(|s| s.expose().to_string()));
             if let Ok(Some(s)) = resolve_secret(key, &None, file) {
@@ -936,6 +1009,26 @@ impl Config {
         // a value that cannot work is better refused before it is needed.
         if let Err(e) = check_kafka_brokers(&self.kafka.brokers) {
             check(false, "kafka.brokers", e);
+        }
+        let sec = &self.kafka.security;
+        if let Some(m) = &sec.sasl_mechanism {
+            check(
+                ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"].contains(&m.as_str()),
+                "kafka.security.sasl_mechanism",
+                format!("must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512, got {m:?}"),
+            );
+        }
+        if let Some(p) = &sec.protocol {
+            check(
+                ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"]
+                    .contains(&p.to_ascii_lowercase().as_str()),
+                "kafka.security.protocol",
+                format!("must be plaintext, ssl, sasl_plaintext or sasl_ssl, got {p:?}"),
+            );
+        }
+        if let Err(e) = resolve_secret("kafka.security.password", &sec.password, &sec.password_file)
+        {
+            check(false, &e.key, e.message);
         }
         for (key, d, max) in [
             ("kafka.commit_interval", self.kafka.commit_interval, HOUR),
@@ -1395,6 +1488,38 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().expect("defaults validate");
+    }
+
+    #[test]
+    fn kafka_security_keys_map_to_librdkafka_and_the_password_is_never_shown() {
+        let mut c = Config::default();
+        c.kafka.security.ca_file = Some("/etc/ca.pem".into());
+        c.kafka.security.sasl_mechanism = Some("SCRAM-SHA-512".into());
+        c.kafka.security.username = Some("alice".into());
+        c.kafka.security.password = Some(Secret::new("hunter2-kafka"));
+        c.validate().expect("valid");
+        let props = c.kafka.security.librdkafka_properties();
+        for want in [
+            ("security.protocol", "sasl_ssl"),
+            ("ssl.ca.location", "/etc/ca.pem"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "alice"),
+            ("sasl.password", "hunter2-kafka"),
+        ] {
+            assert!(
+                props.iter().any(|(k, v)| (*k, v.as_str()) == want),
+                "{want:?} in {props:?}"
+            );
+        }
+        let shown = format!("{c:?}\n{}", toml::to_string(&c).expect("toml"));
+        assert!(!shown.contains("hunter2-kafka"), "{shown}");
+        assert!(c.scrubber().scrub("pw hunter2-kafka").contains(REDACTED));
+        c.kafka.security.sasl_mechanism = Some("GSSAPI".into());
+        let err = c.validate().expect_err("GSSAPI is not built in");
+        assert!(
+            err.to_string().contains("kafka.security.sasl_mechanism"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod env;
 pub mod faults;
 pub mod kafka;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

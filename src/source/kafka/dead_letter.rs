@@ -21,6 +21,9 @@ pub(crate) fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
     c.set("bootstrap.servers", &cfg.brokers)
         .set("acks", "all")
         .set("enable.idempotence", "true");
+    for (k, v) in cfg.security.librdkafka_properties() {
+        c.set(k, v);
+    }
     for (k, v) in &cfg.properties {
         if !is_consumer_only(k) {
             c.set(k, v);

@@ -148,6 +148,9 @@ impl KafkaSource {
             // 1 s): with a small queue that default caps intake near
             // 1,000 messages/s. The thresholds still bound memory.
             .set("fetch.queue.backoff.ms", "10");
+        for (k, v) in cfg.security.librdkafka_properties() {
+            consumer_cfg.set(k, v);
+        }
         for (k, v) in &cfg.properties {
             consumer_cfg.set(k, v);
         }
