@@ -143,6 +143,39 @@ pub fn traceparent_header(value: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(value).ok()
 }
 
+/// The `Idempotency-Key` header value for an order: its `order_id` with
+/// every byte outside visible ASCII, and `%` itself, written as `%XX`
+/// (uppercase hex, as in a URL).
+///
+/// A header value cannot carry every id as it is: HTTP drops the spaces
+/// around it (`" A-1"` would reach the provider as `A-1`, another order's
+/// key) and raw UTF-8 is not a portable header value (a provider may ignore
+/// the key and charge again on every redelivery). The encoding is injective —
+/// `%` is always escaped, so every `%XX` in a key stands for one byte of the
+/// id — hence two different ids never share a key, and the same id always
+/// yields the same key. Ids of visible ASCII other than `%` (UUIDs, `o-1`,
+/// `2026/11/A:17`) are their own key, as before.
+pub fn idempotency_key(order_id: &str) -> std::borrow::Cow<'_, str> {
+    fn plain(b: u8) -> bool {
+        (0x21..=0x7e).contains(&b) && b != b'%'
+    }
+    if order_id.bytes().all(plain) {
+        return std::borrow::Cow::Borrowed(order_id);
+    }
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut key = String::with_capacity(order_id.len() * 3);
+    for b in order_id.bytes() {
+        if plain(b) {
+            key.push(char::from(b));
+        } else {
+            key.push('%');
+            key.push(char::from(HEX[usize::from(b >> 4)]));
+            key.push(char::from(HEX[usize::from(b & 0x0f)]));
+        }
+    }
+    std::borrow::Cow::Owned(key)
+}
+
 /// One downstream with its retry policy, circuit breaker and metrics.
 struct Endpoint {
     name: &'static str,
@@ -307,8 +340,8 @@ impl PaymentClient {
         })
     }
 
-    /// `POST /charges` with `Idempotency-Key: <order_id>`: a retry or a
-    /// redelivery gets the same charge back, never a second one.
+    /// `POST /charges` with `Idempotency-Key: <idempotency_key(order_id)>`:
+    /// a retry or a redelivery gets the same charge back, never a second one.
     pub async fn charge(
         &self,
         order: &Order,
@@ -321,13 +354,9 @@ impl PaymentClient {
             currency: &order.currency,
         })
         .map_err(|e| RetryError::Permanent(CallError::Transport(e.to_string())))?;
+        let key = idempotency_key(&order.order_id);
         self.endpoint
-            .post(
-                Bytes::from(body),
-                Some(&order.order_id),
-                &order.order_id,
-                traceparent,
-            )
+            .post(Bytes::from(body), Some(&key), &order.order_id, traceparent)
             .await
     }
 
@@ -340,6 +369,70 @@ impl PaymentClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Inverse of [`idempotency_key`], for the injectivity property.
+    fn decode_key(key: &str) -> Vec<u8> {
+        let b = key.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).expect("hex");
+                out.push(u8::from_str_radix(hex, 16).expect("hex"));
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn idempotency_keys_are_header_safe_and_injective() {
+        let ids = [
+            "o-1",
+            "A-1",
+            " A-1",
+            "A-1 ",
+            "  ",
+            "A%201",
+            "A 1",
+            "Ä-1",
+            "A\u{e4}-1",
+            "café",
+            "注文-1",
+            "%",
+            "%25",
+            "a\tb",
+            "😀",
+            "2026/11/A:17",
+        ];
+        let mut seen = std::collections::HashMap::new();
+        for id in ids {
+            let key = idempotency_key(id);
+            // A header value HTTP carries byte for byte: visible ASCII only,
+            // so nothing to trim and nothing to re-encode.
+            assert!(key.bytes().all(|b| (0x21..=0x7e).contains(&b)), "{key:?}");
+            assert!(HeaderValue::from_str(&key).is_ok());
+            assert_eq!(decode_key(&key), id.as_bytes(), "{id:?}");
+            if let Some(other) = seen.insert(key.to_string(), id) {
+                panic!("{id:?} and {other:?} share the key {key}");
+            }
+        }
+        assert_eq!(idempotency_key("o-1"), "o-1");
+        assert_eq!(idempotency_key(" A-1"), "%20A-1");
+        assert_eq!(idempotency_key("A%201"), "A%25201");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_id_round_trips_through_its_key(id in "(?s).{0,40}") {
+            let key = idempotency_key(&id);
+            proptest::prop_assert!(key.bytes().all(|b| (0x21..=0x7e).contains(&b)));
+            proptest::prop_assert_eq!(decode_key(&key), id.as_bytes());
+        }
+    }
 
     #[test]
     fn well_formed_traceparents_are_forwarded_as_they_are() {

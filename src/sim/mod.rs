@@ -6,9 +6,13 @@
 //! Decisions about an order (reject, decline) are a function of its id, so
 //! a retry or a redelivery gets the same answer. Orders whose `customer_id`
 //! starts with `reject` are always rejected, `decline` always declined.
-//! Charges are keyed by `Idempotency-Key`: the same key returns the same
-//! charge; a request without one makes a new charge every time, which is
-//! exactly what the ledger's double-charge count exposes.
+//! Charges are keyed by `Idempotency-Key`, compared byte for byte as a real
+//! provider does (no trimming, no case folding, any bytes): the same key with
+//! the same parameters returns the same charge; the same key with other
+//! parameters (order, customer, amount or currency) is refused with `409` and
+//! a JSON error, never answered with the first charge; a request without a
+//! key makes a new charge every time, which is exactly what the ledger's
+//! double-charge count exposes.
 //!
 //! The ledger also keeps the last W3C `traceparent` each order's requests
 //! carried (charges on their entry, validations beside them), so tests can
@@ -59,8 +63,11 @@ pub struct Knobs {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LedgerEntry {
+    /// The key as received (shown lossily if it is not UTF-8).
     pub idempotency_key: Option<String>,
     pub order_id: String,
+    #[serde(default)]
+    pub customer_id: String,
     pub charge_id: String,
     pub status: String,
     pub amount_cents: i64,
@@ -73,6 +80,16 @@ pub struct LedgerEntry {
     pub traceparent: Option<String>,
 }
 
+impl LedgerEntry {
+    /// Whether a request carries the parameters this charge was made with.
+    fn same_request(&self, req: &ChargeBody) -> bool {
+        self.order_id == req.order_id
+            && self.customer_id == req.customer_id
+            && self.amount_cents == req.amount_cents
+            && self.currency == req.currency
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Ledger {
     pub charges: Vec<LedgerEntry>,
@@ -80,6 +97,10 @@ pub struct Ledger {
     pub requests_total: u64,
     /// Orders with more than one charge: must always be 0.
     pub double_charged_orders: u64,
+    /// Charge requests refused with 409 because their idempotency key was
+    /// already used with other parameters.
+    #[serde(default)]
+    pub idempotency_conflicts: u64,
     pub validate_requests_total: u64,
     /// Order id → the `traceparent` of the last validation request for it
     /// that carried one.
@@ -89,7 +110,10 @@ pub struct Ledger {
 
 #[derive(Default)]
 struct Books {
-    by_key: HashMap<String, usize>,
+    /// Raw header bytes → index in `entries`.
+    by_key: HashMap<Vec<u8>, usize>,
+    /// Requests refused because their key was used with other parameters.
+    key_conflicts: u64,
     entries: Vec<LedgerEntry>,
     requests_total: u64,
     validate_requests_total: u64,
@@ -180,6 +204,7 @@ impl Sim {
                 charges: vec![],
                 requests_total: 0,
                 double_charged_orders: 0,
+                idempotency_conflicts: 0,
                 validate_requests_total: 0,
                 validate_traceparents: HashMap::new(),
             };
@@ -192,6 +217,7 @@ impl Sim {
             charges: books.entries.clone(),
             requests_total: books.requests_total,
             double_charged_orders: per_order.values().filter(|n| **n > 1).count() as u64,
+            idempotency_conflicts: books.key_conflicts,
             validate_requests_total: books.validate_requests_total,
             validate_traceparents: books.validate_traceparents.clone(),
         }
@@ -411,10 +437,11 @@ async fn charge(State(sim): State<Sim>, headers: HeaderMap, body: axum::body::By
         Fault::Throttle => return throttled(),
         Fault::Hang | Fault::None => {}
     }
+    // Byte for byte: a provider that decoded, trimmed or folded keys would
+    // merge two orders' charges.
     let key = headers
         .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+        .map(|v| v.as_bytes().to_vec());
     let tp = traceparent(&headers);
     let entry = {
         let Ok(mut books) = sim.books.lock() else {
@@ -423,6 +450,27 @@ async fn charge(State(sim): State<Sim>, headers: HeaderMap, body: axum::body::By
         books.requests_total += 1;
         let existing = key.as_ref().and_then(|k| books.by_key.get(k).copied());
         match existing {
+            Some(i) if !books.entries[i].same_request(&req) => {
+                books.key_conflicts += 1;
+                let first = &books.entries[i];
+                let message = format!(
+                    "idempotency key already used for order {:?} ({} {}); this request is for \
+                     order {:?} ({} {})",
+                    first.order_id,
+                    first.amount_cents,
+                    first.currency,
+                    req.order_id,
+                    req.amount_cents,
+                    req.currency
+                );
+                return (
+                    StatusCode::CONFLICT,
+                    Json(serde_json::json!({
+                        "error": { "type": "idempotency_error", "message": message }
+                    })),
+                )
+                    .into_response();
+            }
             Some(i) => {
                 books.entries[i].requests += 1;
                 if tp.is_some() {
@@ -434,8 +482,11 @@ async fn charge(State(sim): State<Sim>, headers: HeaderMap, body: axum::body::By
                 let declined = req.customer_id.starts_with("decline")
                     || fraction(&req.order_id, "decline") < knobs.decline_rate;
                 let entry = LedgerEntry {
-                    idempotency_key: key.clone(),
+                    idempotency_key: key
+                        .as_ref()
+                        .map(|k| String::from_utf8_lossy(k).into_owned()),
                     order_id: req.order_id,
+                    customer_id: req.customer_id,
                     charge_id: format!("ch_{}", uuid::Uuid::new_v4().simple()),
                     status: if declined { "declined" } else { "succeeded" }.into(),
                     amount_cents: req.amount_cents,
@@ -547,6 +598,43 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(sim.ledger().double_charged_orders, 1);
+        sim.stop().await;
+    }
+
+    #[tokio::test]
+    async fn keys_are_byte_exact_and_a_reused_key_with_other_parameters_is_refused() {
+        let sim = start("127.0.0.1:0".parse().unwrap(), Knobs::default())
+            .await
+            .unwrap();
+        let http = reqwest::Client::new();
+        let post = |key: &'static [u8], body: serde_json::Value| {
+            http.post(format!("{}/charges", sim.url))
+                .header(
+                    "Idempotency-Key",
+                    reqwest::header::HeaderValue::from_bytes(key).unwrap(),
+                )
+                .json(&body)
+                .send()
+        };
+        let first = serde_json::json!({"order_id":"Ä-1","customer_id":"c","amount_cents":5,"currency":"EUR"});
+        // Raw UTF-8 in a header is obs-text: kept as bytes, not dropped.
+        for _ in 0..2 {
+            let r = post("Ä-1".as_bytes(), first.clone()).await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+        }
+        // Other case, other bytes: another key.
+        let r = post("ä-1".as_bytes(), serde_json::json!({"order_id":"ä-1","customer_id":"c","amount_cents":5,"currency":"EUR"})).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let conflict = serde_json::json!({"order_id":"Ä-1","customer_id":"c","amount_cents":6,"currency":"EUR"});
+        let r = post("Ä-1".as_bytes(), conflict).await.unwrap();
+        assert_eq!(r.status(), StatusCode::CONFLICT);
+        let err: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(err["error"]["type"], "idempotency_error");
+        let l = sim.ledger();
+        assert_eq!(l.charges.len(), 2);
+        assert_eq!(l.charges[0].requests, 2);
+        assert_eq!(l.idempotency_conflicts, 1);
+        assert_eq!(l.double_charged_orders, 0);
         sim.stop().await;
     }
 
