@@ -12,10 +12,10 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, Mutex};
 use tokio::time::Instant;
 
-use super::{Context, Finished};
+use super::{conflicting_duplicate, Context, Finished};
 use crate::downstream::retry::FullJitter;
 use crate::source::DeadLetter;
-use crate::store::{Record, StoreError};
+use crate::store::{Record, StoreError, Written};
 use crate::telemetry::Health;
 
 pub(super) async fn batcher(
@@ -103,7 +103,7 @@ async fn write(ctx: &Context, batch: Vec<Finished>) {
         records.into_iter().zip(settles).zip(verdicts)
     {
         match verdict {
-            None => {
+            Ok(Written::Inserted) => {
                 ctx.metrics.end_to_end.observe(origin.elapsed_secs());
                 ctx.metrics
                     .orders
@@ -111,7 +111,32 @@ async fn write(ctx: &Context, batch: Vec<Finished>) {
                     .inc();
                 tokens.push(token);
             }
-            Some(error) => ctx.dead_letter(DeadLetter {
+            // Another delivery of the same order got there first (both were
+            // in flight at once). Its charge used the same key and the same
+            // parameters, so it is the same charge: nothing to undo.
+            Ok(Written::Existing { digest })
+                if digest.as_deref().is_none_or(|d| d == record.payload_digest) =>
+            {
+                tracing::info!(order_id = %record.order_id, %position,
+                    "order stored meanwhile by another delivery; acknowledging");
+                ctx.metrics.orders.with_label_values(&["duplicate"]).inc();
+                tokens.push(token);
+            }
+            Ok(Written::Existing { digest }) => {
+                tracing::warn!(order_id = %record.order_id, %position,
+                    "order_id stored meanwhile with other contents; dead-lettering");
+                ctx.dead_letter(conflicting_duplicate(
+                    token,
+                    raw,
+                    key,
+                    position,
+                    record.order_id,
+                    &record.payload_digest,
+                    digest.as_deref().unwrap_or_default(),
+                    "persist",
+                ));
+            }
+            Err(error) => ctx.dead_letter(DeadLetter {
                 token,
                 body: raw,
                 key,
@@ -120,6 +145,7 @@ async fn write(ctx: &Context, batch: Vec<Finished>) {
                 detail: error,
                 stage: "persist",
                 order_id: Some(record.order_id),
+                extra_headers: Vec::new(),
             }),
         }
     }
@@ -129,14 +155,18 @@ async fn write(ctx: &Context, batch: Vec<Finished>) {
 }
 
 /// Commits `records`, isolating rows the database refuses. Returns, per
-/// record, `None` when it is stored or `Some(error)` when it was refused.
-async fn commit_bisecting(ctx: &Context, records: &[Record]) -> Vec<Option<String>> {
-    let mut verdicts = vec![None; records.len()];
+/// record, what the commit did with it, or the error that refused it.
+async fn commit_bisecting(ctx: &Context, records: &[Record]) -> Vec<Result<Written, String>> {
+    let mut verdicts = vec![Ok(Written::Inserted); records.len()];
     let mut pending = vec![(0, records.len())];
     while let Some((lo, hi)) = pending.pop() {
         match commit_retrying(ctx, &records[lo..hi]).await {
-            Ok(()) => {}
-            Err(e) if hi - lo == 1 => verdicts[lo] = Some(e.to_string()),
+            Ok(written) => {
+                for (slot, w) in verdicts[lo..hi].iter_mut().zip(written) {
+                    *slot = Ok(w);
+                }
+            }
+            Err(e) if hi - lo == 1 => verdicts[lo] = Err(e.to_string()),
             Err(_) => {
                 let mid = lo + (hi - lo) / 2;
                 pending.push((mid, hi));
@@ -150,19 +180,19 @@ async fn commit_bisecting(ctx: &Context, records: &[Record]) -> Vec<Option<Strin
 /// Commits one slice, retrying transient errors with exponential backoff
 /// and full jitter for as long as it takes; returns only on success or on a
 /// row-level error.
-async fn commit_retrying(ctx: &Context, records: &[Record]) -> Result<(), StoreError> {
+async fn commit_retrying(ctx: &Context, records: &[Record]) -> Result<Vec<Written>, StoreError> {
     let cfg = &ctx.config.batch;
     let mut backoff = FullJitter::doubling(cfg.retry_initial_interval, cfg.retry_max_interval);
     loop {
         let started = std::time::Instant::now();
         match ctx.store.commit(records).await {
-            Ok(()) => {
+            Ok(written) => {
                 ctx.metrics
                     .batch_commit_duration
                     .observe(started.elapsed().as_secs_f64());
                 ctx.metrics.batch_orders.observe(records.len() as f64);
                 Health::set(&ctx.health.database_ok, true);
-                return Ok(());
+                return Ok(written);
             }
             Err(e @ StoreError::Row(_)) => {
                 Health::set(&ctx.health.database_ok, true);
@@ -231,6 +261,7 @@ mod tests {
             charge_id: Some(format!("ch-{i}")),
             reasons: vec![],
             payload: bytes::Bytes::from_static(b"{\"k\":1}"),
+            payload_digest: format!("{i:064x}"),
             source_position: format!("q#{i}"),
             received_at: chrono::Utc::now(),
         }
@@ -261,10 +292,11 @@ mod tests {
             .collect();
         let verdicts = commit_bisecting(&ctx, &records).await;
         for (i, v) in verdicts.iter().enumerate() {
-            assert_eq!(v.is_some(), i == 3 || i == 7, "record {i}: {v:?}");
+            assert_eq!(v.is_err(), i == 3 || i == 7, "record {i}: {v:?}");
         }
         assert!(verdicts[3]
-            .as_deref()
+            .as_ref()
+            .err()
             .is_some_and(|e| e.contains("22001") || e.contains("too long")));
         let ids: Vec<String> = (0..10).map(|i| format!("o-{i}")).collect();
         assert_eq!(store.stored(&ids).await.expect("query").len(), 8);
@@ -276,7 +308,11 @@ mod tests {
         assert!(commit_bisecting(&ctx, &again)
             .await
             .iter()
-            .all(Option::is_none));
+            .zip(&again)
+            .all(|(v, r)| *v
+                == Ok(Written::Existing {
+                    digest: Some(r.payload_digest.clone())
+                })));
         assert_eq!(store.stored(&ids).await.expect("query").len(), 8);
         store.close().await;
         drop_db(&name).await;
@@ -296,10 +332,11 @@ mod tests {
             .collect();
         let verdicts = commit_bisecting(&ctx, &records).await;
         for (i, v) in verdicts.iter().enumerate() {
-            assert_eq!(v.is_some(), i == 3 || i == 7, "record {i}: {v:?}");
+            assert_eq!(v.is_err(), i == 3 || i == 7, "record {i}: {v:?}");
         }
         assert!(verdicts[3]
-            .as_deref()
+            .as_ref()
+            .err()
             .is_some_and(|e| e.contains("CHECK constraint failed")));
         let ids: Vec<String> = (0..10).map(|i| format!("o-{i}")).collect();
         assert_eq!(store.stored(&ids).await.expect("query").len(), 8);
@@ -311,7 +348,11 @@ mod tests {
         assert!(commit_bisecting(&ctx, &again)
             .await
             .iter()
-            .all(Option::is_none));
+            .zip(&again)
+            .all(|(v, r)| *v
+                == Ok(Written::Existing {
+                    digest: Some(r.payload_digest.clone())
+                })));
         assert_eq!(store.stored(&ids).await.expect("query").len(), 8);
         store.close().await;
     }
@@ -363,5 +404,66 @@ mod tests {
         assert_eq!(out_rx.recv().await.expect("final batch").len(), 1);
         assert!(out_rx.recv().await.is_none());
         task.await.expect("batcher");
+    }
+
+    /// What `Store::commit` says per record, on both databases: new rows,
+    /// rows stored before (with their digest), and an id repeated within one
+    /// batch (written once, from its first occurrence).
+    async fn commit_reports_each_record(store: Store) {
+        let first = record(1, "EUR");
+        let mut other_contents = record(1, "EUR");
+        other_contents.payload_digest = "f".repeat(64);
+        let written = store
+            .commit(&[first.clone(), record(2, "EUR"), other_contents.clone()])
+            .await
+            .expect("commit");
+        assert_eq!(
+            written,
+            vec![
+                Written::Inserted,
+                Written::Inserted,
+                Written::Existing {
+                    digest: Some(first.payload_digest.clone())
+                },
+            ]
+        );
+        let written = store
+            .commit(&[other_contents, record(3, "EUR")])
+            .await
+            .expect("commit");
+        assert_eq!(
+            written,
+            vec![
+                Written::Existing {
+                    digest: Some(first.payload_digest.clone())
+                },
+                Written::Inserted,
+            ]
+        );
+        let stored = store
+            .stored(&["o-1".into(), "o-3".into(), "o-9".into()])
+            .await
+            .expect("stored");
+        assert_eq!(stored.len(), 2);
+        assert_eq!(stored["o-1"].as_deref(), Some(first.payload_digest.as_str()));
+    }
+
+    #[tokio::test]
+    async fn postgres_commit_reports_each_record() {
+        let (store, name) = fresh_store().await;
+        commit_reports_each_record(store.clone()).await;
+        store.close().await;
+        drop_db(&name).await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_commit_reports_each_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = Config::default();
+        cfg.database.url = format!("sqlite://{}", dir.path().join("conveyor.db").display());
+        let store = Store::connect(&cfg.database).await.expect("connect");
+        store.migrate().await.expect("migrate");
+        commit_reports_each_record(store.clone()).await;
+        store.close().await;
     }
 }

@@ -36,9 +36,10 @@ use crate::config::Config;
 use crate::downstream::{
     ChargeStatus, CircuitBreaker, PaymentClient, RetryError, RuleEngineClient,
 };
-use crate::order::{self, Order};
+use crate::order::{self, Decoded, Digest, Order};
 use crate::source::{AckToken, DeadLetter, Delivery, Position, Settlement};
-use crate::store::{Record, Status, Store};
+use crate::downstream::retry::FullJitter;
+use crate::store::{Record, Status, Store, StoredDigests};
 use crate::telemetry::{Health, Metrics};
 
 /// Everything the stages share.
@@ -55,6 +56,10 @@ pub struct Context {
 /// An order between decode and the batcher.
 struct InFlight {
     order: Order,
+    /// Canonical JSON: what the store holds.
+    payload: Bytes,
+    digest: Digest,
+    /// The message body as received: what the rule engine and a dead letter get.
     raw: Bytes,
     key: Option<Bytes>,
     position: Position,
@@ -102,6 +107,8 @@ impl InFlight {
     fn finish(self, status: Status, charge_id: Option<String>, reasons: Vec<String>) -> Finished {
         let Self {
             order,
+            payload,
+            digest,
             raw,
             key,
             position,
@@ -120,7 +127,8 @@ impl InFlight {
                 currency: order.currency,
                 charge_id,
                 reasons,
-                payload: raw.clone(),
+                payload,
+                payload_digest: digest.to_hex(),
                 source_position: position.to_string(),
                 received_at: received_wall,
             },
@@ -167,7 +175,39 @@ impl Context {
             detail: err.to_string(),
             stage,
             order_id: Some(it.order.order_id),
+            extra_headers: Vec::new(),
         });
+    }
+}
+
+/// The dead letter for a message whose `order_id` is stored with another
+/// payload digest: another order reusing the id, not a redelivery.
+pub(crate) fn conflicting_duplicate(
+    token: AckToken,
+    body: Bytes,
+    key: Option<Bytes>,
+    position: Position,
+    order_id: String,
+    digest: &str,
+    stored: &str,
+    stage: &'static str,
+) -> DeadLetter {
+    DeadLetter {
+        token,
+        body,
+        key,
+        position,
+        reason: "conflicting_duplicate".into(),
+        detail: format!(
+            "order_id {order_id:?} is already stored with other contents \
+             (stored payload digest {stored}, this message's {digest})"
+        ),
+        stage,
+        order_id: Some(order_id),
+        extra_headers: vec![
+            ("x-conveyor-payload-digest", digest.to_string()),
+            ("x-conveyor-stored-digest", stored.to_string()),
+        ],
     }
 }
 
@@ -263,20 +303,31 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
     tokio::join!(decode, validate, charge, batcher, writers);
 }
 
-/// Decodes each delivery; poison goes to the dead-letter destination, a
-/// redelivery of an order already stored is acknowledged without calling
-/// anyone again.
+/// Most deliveries decoded together, so that one store lookup serves them.
+/// Only what is already waiting is taken: a lone delivery is not held back.
+const DECODE_BATCH: usize = 128;
+
+/// Decodes each delivery; poison goes to the dead-letter destination.
+/// Before any downstream call, every decoded order is looked up in the store:
+/// an `order_id` stored with the same payload digest (a redelivery, a
+/// producer's resend) is acknowledged without calling anyone again; one
+/// stored with another digest is dead-lettered as `conflicting_duplicate`.
+/// Checking every order, not only those the broker flags as redelivered,
+/// is what keeps a resend days later — past the provider's idempotency
+/// window — from being charged again.
 async fn decode_loop(
     ctx: Arc<Context>,
     mut deliveries: mpsc::Receiver<Delivery>,
     validate: mpsc::Sender<InFlight>,
 ) {
     let max = ctx.config.source.max_message_bytes;
-    while let Some(d) = deliveries.recv().await {
-        let order = match order::decode(&d.body, max) {
-            Ok(order) => order,
-            Err(poison) => {
-                ctx.dead_letter(DeadLetter {
+    let mut waiting = Vec::with_capacity(DECODE_BATCH);
+    let mut decoded: Vec<(Delivery, Decoded)> = Vec::with_capacity(DECODE_BATCH);
+    while deliveries.recv_many(&mut waiting, DECODE_BATCH).await > 0 {
+        for d in waiting.drain(..) {
+            match order::decode_canonical(&d.body, max) {
+                Ok(order) => decoded.push((d, order)),
+                Err(poison) => ctx.dead_letter(DeadLetter {
                     token: d.token,
                     order_id: None,
                     body: d.body,
@@ -285,42 +336,84 @@ async fn decode_loop(
                     reason: poison.kind.as_str().into(),
                     detail: poison.detail,
                     stage: "decode",
-                });
-                continue;
+                    extra_headers: Vec::new(),
+                }),
             }
-        };
-        if d.redelivered && already_stored(&ctx, &order.order_id).await {
-            tracing::info!(order_id = %order.order_id, position = %d.position,
-                "redelivered order already stored; acknowledging");
-            ctx.metrics.orders.with_label_values(&["duplicate"]).inc();
-            ctx.done(vec![d.token]);
+        }
+        if decoded.is_empty() {
             continue;
         }
-        let it = InFlight {
-            order,
-            raw: d.body,
-            key: d.key,
-            position: d.position,
-            received_at: d.received_at,
-            received_wall: Utc::now(),
-            timestamp_ms: d.timestamp_ms,
-            traceparent: d.traceparent,
-            token: d.token,
-        };
-        if validate.send(it).await.is_err() {
-            break;
+        let ids: Vec<String> = decoded
+            .iter()
+            .map(|(_, o)| o.order.order_id.clone())
+            .collect();
+        let stored = lookup(&ctx, &ids).await;
+        for (d, Decoded { order, payload, digest }) in decoded.drain(..) {
+            match stored.get(&order.order_id) {
+                None => {}
+                // Same contents, or stored before digests existed (nothing
+                // to compare with): the outcome is already durable.
+                Some(theirs) if theirs.as_deref().is_none_or(|t| t == digest.to_hex()) => {
+                    tracing::info!(order_id = %order.order_id, position = %d.position,
+                        "order already stored; acknowledging");
+                    ctx.metrics.orders.with_label_values(&["duplicate"]).inc();
+                    ctx.done(vec![d.token]);
+                    continue;
+                }
+                Some(theirs) => {
+                    let theirs = theirs.as_deref().unwrap_or_default();
+                    tracing::warn!(order_id = %order.order_id, position = %d.position,
+                        "order_id already stored with other contents; dead-lettering");
+                    ctx.dead_letter(conflicting_duplicate(
+                        d.token,
+                        d.body,
+                        d.key,
+                        d.position,
+                        order.order_id,
+                        &digest.to_hex(),
+                        theirs,
+                        "decode",
+                    ));
+                    continue;
+                }
+            }
+            let it = InFlight {
+                order,
+                payload,
+                digest,
+                raw: d.body,
+                key: d.key,
+                position: d.position,
+                received_at: d.received_at,
+                received_wall: Utc::now(),
+                timestamp_ms: d.timestamp_ms,
+                traceparent: d.traceparent,
+                token: d.token,
+            };
+            if validate.send(it).await.is_err() {
+                return;
+            }
         }
     }
 }
 
-async fn already_stored(ctx: &Context, order_id: &str) -> bool {
-    match ctx.store.stored(&[order_id.to_string()]).await {
-        Ok(found) => found.contains(order_id),
-        // Not knowing is not a reason to stop: the idempotency key and the
-        // upsert keep a second pass harmless.
-        Err(e) => {
-            tracing::warn!(order_id, error = %e, "cannot check for a stored outcome");
-            false
+/// The stored digests of `ids`, asking until the store answers: an order
+/// is charged only once it is known not to be stored already, so while the
+/// database is unreachable intake waits (readiness false) rather than
+/// moving money it may not be able to record.
+async fn lookup(ctx: &Context, ids: &[String]) -> StoredDigests {
+    let cfg = &ctx.config.batch;
+    let mut backoff = FullJitter::doubling(cfg.retry_initial_interval, cfg.retry_max_interval);
+    loop {
+        match ctx.store.stored(ids).await {
+            Ok(found) => return found,
+            Err(e) => {
+                Health::set(&ctx.health.database_ok, false);
+                let wait = backoff.next_wait();
+                tracing::warn!(error = %e, orders = ids.len(), retry_in = ?wait,
+                    "cannot look up stored orders; retrying before any charge");
+                tokio::time::sleep(wait).await;
+            }
         }
     }
 }

@@ -145,13 +145,17 @@ pub struct DeadLetter {
     pub body: Bytes,
     pub key: Option<Bytes>,
     pub position: Position,
-    /// Stable label: a poison kind, `retries_exhausted`, `rejected_by_downstream`, `database`.
+    /// Stable label: a poison kind, `conflicting_duplicate`,
+    /// `retries_exhausted`, `downstream_refused`, `database`.
     pub reason: String,
     /// Human-readable detail.
     pub detail: String,
     /// The stage that gave up: `decode`, `validate`, `charge`, `persist`.
     pub stage: &'static str,
     pub order_id: Option<String>,
+    /// Headers of this reason only, e.g. both payload digests of a
+    /// `conflicting_duplicate`.
+    pub extra_headers: Vec<(&'static str, String)>,
 }
 
 /// The fate of deliveries, reported by the pipeline to the source.

@@ -11,7 +11,8 @@
 pub mod postgres;
 pub mod sqlite;
 
-use std::collections::HashSet;
+use std::borrow::Borrow;
+use std::collections::HashMap;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -46,10 +47,51 @@ pub struct Record {
     pub currency: String,
     pub charge_id: Option<String>,
     pub reasons: Vec<String>,
-    /// The message body as received (valid UTF-8 JSON, checked by decode).
+    /// The order's canonical JSON, as decode produced it (so the database
+    /// can hold whatever decode accepted).
     pub payload: Bytes,
+    /// SHA-256 of `payload`, lowercase hex: what tells a redelivery (same
+    /// digest) from another order reusing the id (another digest).
+    pub payload_digest: String,
     pub source_position: String,
     pub received_at: DateTime<Utc>,
+}
+
+/// What a commit did with one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// Its row is new.
+    Inserted,
+    /// A row with its `order_id` was already there (stored before, or
+    /// earlier in the same batch) and was left as it is. `digest` is that
+    /// row's payload digest; `None` for rows stored before digests existed.
+    Existing { digest: Option<String> },
+}
+
+/// `order_id` → payload digest of the stored row (`None`: stored before
+/// digests existed).
+pub type StoredDigests = HashMap<String, Option<String>>;
+
+/// Per record of a batch whose ids are unique: inserted, or the stored
+/// row's digest.
+fn written<R: Borrow<Record>>(
+    batch: &[R],
+    inserted: &std::collections::HashSet<String>,
+    existing: &StoredDigests,
+) -> Vec<Written> {
+    batch
+        .iter()
+        .map(|r| {
+            let id = &r.borrow().order_id;
+            if inserted.contains(id) {
+                Written::Inserted
+            } else {
+                Written::Existing {
+                    digest: existing.get(id).cloned().flatten(),
+                }
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,16 +186,45 @@ impl Store {
     }
 
     /// Commits the batch as one transaction; rows whose `order_id` is already
-    /// stored are left as they are.
-    pub async fn commit(&self, batch: &[Record]) -> Result<(), StoreError> {
-        match self {
-            Store::Postgres(s) => s.commit(batch).await,
-            Store::Sqlite(s) => s.commit(batch).await,
+    /// stored are left as they are. Says, per record, which happened.
+    ///
+    /// An `order_id` that occurs twice in `batch` is written once, from its
+    /// first occurrence; the later ones are `Existing` with that row's
+    /// digest, so the caller compares them like any other duplicate.
+    pub async fn commit(&self, batch: &[Record]) -> Result<Vec<Written>, StoreError> {
+        let mut first: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
+        let mut unique: Vec<&Record> = Vec::with_capacity(batch.len());
+        // For each record: its index in `unique`, and whether it is a repeat.
+        let mut slot: Vec<(usize, bool)> = Vec::with_capacity(batch.len());
+        for r in batch {
+            match first.get(r.order_id.as_str()) {
+                Some(&at) => slot.push((at, true)),
+                None => {
+                    first.insert(&r.order_id, unique.len());
+                    slot.push((unique.len(), false));
+                    unique.push(r);
+                }
+            }
         }
+        let done = match self {
+            Store::Postgres(s) => s.commit(&unique).await?,
+            Store::Sqlite(s) => s.commit(&unique).await?,
+        };
+        Ok(slot
+            .into_iter()
+            .map(|(at, repeat)| match (&done[at], repeat) {
+                (w, false) => w.clone(),
+                (Written::Inserted, true) => Written::Existing {
+                    digest: Some(unique[at].payload_digest.clone()),
+                },
+                (existing, true) => existing.clone(),
+            })
+            .collect())
     }
 
-    /// Which of these orders already have a stored outcome.
-    pub async fn stored(&self, order_ids: &[String]) -> Result<HashSet<String>, StoreError> {
+    /// Which of these orders already have a stored outcome, with the
+    /// digest of each stored payload.
+    pub async fn stored(&self, order_ids: &[String]) -> Result<StoredDigests, StoreError> {
         match self {
             Store::Postgres(s) => s.stored(order_ids).await,
             Store::Sqlite(s) => s.stored(order_ids).await,

@@ -2,23 +2,27 @@
 //! UNNEST(arrays)`: ten array parameters whatever the batch size, so the
 //! statement is prepared once and never hits the bind-parameter limit.
 
+use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::str::FromStr;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::ConnectOptions;
 
-use super::{Record, StoreError};
+use super::{written, Record, StoreError, StoredDigests, Written};
 use crate::config::{resolve_secret, DatabaseConfig};
 
 const INSERT: &str = "\
 INSERT INTO orders (order_id, status, customer_id, amount_cents, currency, charge_id,
-                    reasons, payload, source_position, received_at)
-SELECT o, s, c, a, cur, ch, r::jsonb, p::jsonb, pos, rcv
+                    reasons, payload, source_position, received_at, payload_digest)
+SELECT o, s, c, a, cur, ch, r::jsonb, p::jsonb, pos, rcv, d
 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[],
-            $7::text[], $8::text[], $9::text[], $10::timestamptz[])
-     AS t(o, s, c, a, cur, ch, r, p, pos, rcv)
-ON CONFLICT (order_id) DO NOTHING";
+            $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::text[])
+     AS t(o, s, c, a, cur, ch, r, p, pos, rcv, d)
+ON CONFLICT (order_id) DO NOTHING
+RETURNING order_id";
+
+const STORED: &str = "SELECT order_id, payload_digest FROM orders WHERE order_id = ANY($1::text[])";
 
 #[derive(Clone)]
 pub struct PgStore {
@@ -52,7 +56,11 @@ impl PgStore {
             .map_err(|e| anyhow::anyhow!("applying migrations: {e}"))
     }
 
-    pub async fn commit(&self, batch: &[Record]) -> Result<(), StoreError> {
+    /// Commits `batch` (whose ids are unique) as one transaction.
+    pub async fn commit<R: Borrow<Record>>(
+        &self,
+        batch: &[R],
+    ) -> Result<Vec<Written>, StoreError> {
         let n = batch.len();
         let mut ids = Vec::with_capacity(n);
         let mut statuses = Vec::with_capacity(n);
@@ -64,7 +72,9 @@ impl PgStore {
         let mut payloads = Vec::with_capacity(n);
         let mut positions = Vec::with_capacity(n);
         let mut received = Vec::with_capacity(n);
+        let mut digests = Vec::with_capacity(n);
         for r in batch {
+            let r = r.borrow();
             ids.push(r.order_id.as_str());
             statuses.push(r.status.as_str());
             customers.push(r.customer_id.as_str());
@@ -76,9 +86,10 @@ impl PgStore {
             payloads.push(std::str::from_utf8(&r.payload).unwrap_or("null"));
             positions.push(r.source_position.as_str());
             received.push(r.received_at);
+            digests.push(r.payload_digest.as_str());
         }
         let mut tx = self.pool.begin().await.map_err(StoreError::classify)?;
-        sqlx::query(INSERT)
+        let inserted: Vec<(String,)> = sqlx::query_as(INSERT)
             .bind(&ids)
             .bind(&statuses)
             .bind(&customers)
@@ -89,21 +100,41 @@ impl PgStore {
             .bind(&payloads)
             .bind(&positions)
             .bind(&received)
-            .execute(&mut *tx)
+            .bind(&digests)
+            .fetch_all(&mut *tx)
             .await
             .map_err(StoreError::classify)?;
+        let inserted: HashSet<String> = inserted.into_iter().map(|(id,)| id).collect();
+        // The rows that were there already, read in the same transaction:
+        // a statement of its own sees what concurrent writers committed
+        // meanwhile (the insert's snapshot may not).
+        let existing = if inserted.len() < n {
+            let others: Vec<&str> = ids
+                .iter()
+                .copied()
+                .filter(|id| !inserted.contains(*id))
+                .collect();
+            sqlx::query_as::<_, (String, Option<String>)>(STORED)
+                .bind(&others)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(StoreError::classify)?
+                .into_iter()
+                .collect()
+        } else {
+            StoredDigests::new()
+        };
         tx.commit().await.map_err(StoreError::classify)?;
-        Ok(())
+        Ok(written(batch, &inserted, &existing))
     }
 
-    pub async fn stored(&self, order_ids: &[String]) -> Result<HashSet<String>, StoreError> {
-        let rows: Vec<(String,)> =
-            sqlx::query_as("SELECT order_id FROM orders WHERE order_id = ANY($1::text[])")
-                .bind(order_ids)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(StoreError::classify)?;
-        Ok(rows.into_iter().map(|(id,)| id).collect())
+    pub async fn stored(&self, order_ids: &[String]) -> Result<StoredDigests, StoreError> {
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(STORED)
+            .bind(order_ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::classify)?;
+        Ok(rows.into_iter().collect())
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {

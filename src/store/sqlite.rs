@@ -4,6 +4,7 @@
 //! (order_id) DO NOTHING` statements, cut so that none nears SQLite's
 //! bind-parameter limit.
 
+use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
@@ -14,11 +15,11 @@ use sqlx::sqlite::{
 };
 use sqlx::{ConnectOptions, QueryBuilder, Sqlite};
 
-use super::{Record, StoreError};
+use super::{written, Record, StoreError, StoredDigests, Written};
 use crate::config::DatabaseConfig;
 
 /// Columns bound per row by [`SqliteStore::commit`].
-const COLUMNS: usize = 10;
+const COLUMNS: usize = 11;
 /// SQLITE_MAX_VARIABLE_NUMBER of the bundled SQLite (3.32 and later).
 const BIND_LIMIT: usize = 32_766;
 /// A quarter of the limit: a build with a lower one still has room, and a
@@ -30,7 +31,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 const INSERT_HEAD: &str = "\
 INSERT INTO orders (order_id, status, customer_id, amount_cents, currency, charge_id,
-                    reasons, payload, source_position, received_at) ";
+                    reasons, payload, source_position, received_at, payload_digest) ";
+
+const STORED: &str = "SELECT order_id, payload_digest FROM orders \
+                      WHERE order_id IN (SELECT value FROM json_each(?1))";
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -74,10 +78,14 @@ impl SqliteStore {
             .map_err(|e| anyhow::anyhow!("applying migrations: {e}"))
     }
 
-    pub async fn commit(&self, batch: &[Record]) -> Result<(), StoreError> {
+    /// Commits `batch` (whose ids are unique) as one transaction.
+    pub async fn commit<R: Borrow<Record>>(
+        &self,
+        batch: &[R],
+    ) -> Result<Vec<Written>, StoreError> {
         if batch.is_empty() {
             // An INSERT without VALUES is not SQL.
-            return Ok(());
+            return Ok(Vec::new());
         }
         // IMMEDIATE takes the write lock up front, under the busy timeout;
         // a deferred transaction could instead fail midway on the upgrade.
@@ -86,9 +94,11 @@ impl SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(StoreError::classify_sqlite)?;
+        let mut inserted = HashSet::with_capacity(batch.len());
         for chunk in batch.chunks(ROWS_PER_STATEMENT) {
             let mut insert = QueryBuilder::<Sqlite>::new(INSERT_HEAD);
             insert.push_values(chunk, |mut row, r| {
+                let r = r.borrow();
                 row.push_bind(r.order_id.as_str())
                     .push_bind(r.status.as_str())
                     .push_bind(r.customer_id.as_str())
@@ -99,35 +109,53 @@ impl SqliteStore {
                     // decode() accepted only valid UTF-8.
                     .push_bind(std::str::from_utf8(&r.payload).unwrap_or("null"))
                     .push_bind(r.source_position.as_str())
-                    .push_bind(r.received_at.to_rfc3339_opts(SecondsFormat::Micros, true));
+                    .push_bind(r.received_at.to_rfc3339_opts(SecondsFormat::Micros, true))
+                    .push_bind(r.payload_digest.as_str());
             });
-            insert.push(" ON CONFLICT (order_id) DO NOTHING");
-            insert
-                .build()
+            insert.push(" ON CONFLICT (order_id) DO NOTHING RETURNING order_id");
+            let rows: Vec<(String,)> = insert
+                .build_query_as()
                 // Full chunks share one statement worth caching; a remainder
                 // has a size of its own and would only crowd the cache.
                 .persistent(chunk.len() == ROWS_PER_STATEMENT)
-                .execute(&mut *tx)
+                .fetch_all(&mut *tx)
                 .await
                 .map_err(StoreError::classify_sqlite)?;
+            inserted.extend(rows.into_iter().map(|(id,)| id));
         }
+        let existing = if inserted.len() < batch.len() {
+            let others: Vec<&str> = batch
+                .iter()
+                .map(|r| r.borrow().order_id.as_str())
+                .filter(|id| !inserted.contains(*id))
+                .collect();
+            let others = serde_json::to_string(&others)
+                .map_err(|e| StoreError::Row(sqlx::Error::Encode(Box::new(e))))?;
+            sqlx::query_as::<_, (String, Option<String>)>(STORED)
+                .bind(others)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(StoreError::classify_sqlite)?
+                .into_iter()
+                .collect()
+        } else {
+            StoredDigests::new()
+        };
         tx.commit().await.map_err(StoreError::classify_sqlite)?;
-        Ok(())
+        Ok(written(batch, &inserted, &existing))
     }
 
-    pub async fn stored(&self, order_ids: &[String]) -> Result<HashSet<String>, StoreError> {
+    pub async fn stored(&self, order_ids: &[String]) -> Result<StoredDigests, StoreError> {
         // One JSON array parameter, like Postgres' `ANY($1)`: the statement
         // is the same whatever the count and never meets the bind limit.
         let ids = serde_json::to_string(order_ids)
             .map_err(|e| StoreError::Row(sqlx::Error::Encode(Box::new(e))))?;
-        let rows: Vec<(String,)> = sqlx::query_as(
-            "SELECT order_id FROM orders WHERE order_id IN (SELECT value FROM json_each(?1))",
-        )
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(StoreError::classify_sqlite)?;
-        Ok(rows.into_iter().map(|(id,)| id).collect())
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(STORED)
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::classify_sqlite)?;
+        Ok(rows.into_iter().collect())
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
@@ -168,6 +196,7 @@ mod tests {
             charge_id: Some(format!("ch-{i}")),
             reasons: vec![],
             payload: bytes::Bytes::from_static(b"{\"k\":1}"),
+            payload_digest: format!("{i:064x}"),
             source_position: format!("q#{i}"),
             received_at: chrono::Utc::now(),
         }

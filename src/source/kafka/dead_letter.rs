@@ -71,7 +71,10 @@ pub(super) async fn produce_dead_letter(
         ("x-conveyor-offset", offset.as_str()),
         ("x-conveyor-failed-at", failed_at.as_str()),
         ("x-conveyor-order-id", dl.order_id.as_deref().unwrap_or("")),
-    ] {
+    ]
+    .into_iter()
+    .chain(dl.extra_headers.iter().map(|(k, v)| (*k, v.as_str())))
+    {
         headers = headers.insert(Header {
             key,
             value: Some(value),

@@ -39,6 +39,9 @@ pub(super) async fn publish_dead_letter(
     if let Some(id) = &dl.order_id {
         header(&mut headers, "x-conveyor-order-id", id);
     }
+    for (key, value) in &dl.extra_headers {
+        header(&mut headers, key, value);
+    }
     let props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_headers(headers);
