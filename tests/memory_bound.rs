@@ -1,0 +1,109 @@
+//! The memory bound with large messages: what the daemon holds is at most
+//! `source.prefetch` messages, each kept twice while in flight (the bytes as
+//! received, for the rule engine and a dead letter, and the canonical
+//! payload the store gets), so its peak RSS grows by about
+//! `2 × source.prefetch × message size` over its idle size, whatever the
+//! backlog. `source.max_message_bytes` caps the size of an accepted order; a
+//! larger message is dead-lettered as soon as it arrives, but it was already
+//! delivered: the broker's own maximum message size (RabbitMQ's
+//! `max_message_size`, Kafka's `message.max.bytes`) is what caps those.
+//!
+//! Real RabbitMQ and PostgreSQL, the daemon as a child process, a slow
+//! payment provider so that every window stays full while it is measured.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{metric, wait_for, Daemon, Env};
+use conveyor::sim::{EndpointKnobs, Knobs};
+
+const MIB: u64 = 1024 * 1024;
+/// Each message: a valid order carrying this much in an unknown field.
+const MESSAGE_MIB: u64 = 4;
+
+fn large_order(i: u64) -> Vec<u8> {
+    let filler = "x".repeat((MESSAGE_MIB * MIB) as usize - 400);
+    format!(
+        r#"{{"order_id":"big-{i}","customer_id":"c-{i}","currency":"EUR","amount_cents":100,"items":[{{"sku":"S","qty":1,"unit_price_cents":100}}],"created_at":"2026-12-01T10:00:00Z","attachment":"{filler}"}}"#
+    )
+    .into_bytes()
+}
+
+/// Peak RSS growth (MiB) of a daemon at `prefetch` while its window is full
+/// of large orders, and the number of orders it held at once.
+async fn peak_growth(prefetch: u64) -> (f64, f64) {
+    let env = Env::new(
+        "bigmsg",
+        Knobs {
+            charge: EndpointKnobs {
+                latency_ms: 1500,
+                ..Default::default()
+            },
+            ..Knobs::default()
+        },
+    )
+    .await;
+    let mut daemon = Daemon::start(
+        &env,
+        &[
+            ("CONVEYOR__SOURCE__PREFETCH", prefetch.to_string().as_str()),
+            (
+                "CONVEYOR__SOURCE__MAX_MESSAGE_BYTES",
+                (8 * MIB).to_string().as_str(),
+            ),
+            ("CONVEYOR__PAYMENT__TIMEOUT", "10s"),
+        ],
+    )
+    .await;
+    let (idle_kib, _) = daemon.rss_kib();
+    let total = 3 * prefetch;
+    env.publish((0..total).map(large_order)).await;
+    let mut held_max = 0.0f64;
+    wait_for(
+        "every large order stored",
+        Duration::from_secs(120),
+        || async {
+            let held = metric(daemon.http, "conveyor_unacked_messages")
+                .await
+                .unwrap_or(0.0);
+            held_max = held_max.max(held);
+            metric(daemon.http, "conveyor_messages_acked_total")
+                .await
+                .unwrap_or(0.0)
+                >= total as f64
+        },
+    )
+    .await;
+    let (_, peak_kib) = daemon.rss_kib();
+    daemon.signal(libc::SIGTERM);
+    let (code, _) = daemon.wait(Duration::from_secs(20)).await;
+    assert_eq!(code, Some(0), "log:\n{}", daemon.log_text());
+    assert_eq!(env.rows().await, total as i64);
+    env.cleanup().await;
+    (
+        peak_kib.saturating_sub(idle_kib) as f64 / 1024.0,
+        held_max,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_memory_follows_prefetch_times_message_size() {
+    let mut lines = Vec::new();
+    for prefetch in [4u64, 12] {
+        let (growth_mib, held) = peak_growth(prefetch).await;
+        // Two copies per held order, and as much again for the transient
+        // copies of one batch (the commit's encoding, allocator slack).
+        let bound = (4 * prefetch * MESSAGE_MIB) as f64 + 32.0;
+        lines.push(format!(
+            "prefetch {prefetch} x {MESSAGE_MIB} MiB: peak RSS +{growth_mib:.0} MiB \
+             (bound {bound:.0} MiB), held at most {held}"
+        ));
+        assert!(held <= prefetch as f64, "held {held} > prefetch {prefetch}");
+        assert!(
+            growth_mib <= bound,
+            "peak RSS grew {growth_mib:.0} MiB at prefetch {prefetch}, above {bound:.0} MiB"
+        );
+    }
+    println!("{}", lines.join("\n"));
+}
