@@ -219,6 +219,14 @@ fn check_id(field: &str, value: &str) -> Result<(), Poison> {
             format!("{field} contains control characters"),
         ));
     }
+    // Spaces around an id are kept (the idempotency key encodes them), but
+    // an id of nothing but white space names nothing.
+    if value.chars().all(char::is_whitespace) {
+        return Err(poison(
+            PoisonKind::InvalidField,
+            format!("{field} is blank (white space only)"),
+        ));
+    }
     Ok(())
 }
 

@@ -38,18 +38,41 @@ fn order(id: &str, customer: &str, amount: i64, extra: &str) -> Vec<u8> {
 /// Ids that must each be stored and charged on their own: no two may share
 /// an idempotency key.
 const DISTINCT_IDS: &[&str] = &[
-    "A-1", " A-1", "A-1 ", "  A-1  ", "a-1", "Ä-1", "ä-1", "A\u{308}-1", "注文-1", "😀-1", "A%201",
-    "A 1", "%", "%25", "A\u{a0}1", "A\u{2028}1",
+    "A-1",
+    " A-1",
+    "A-1 ",
+    "  A-1  ",
+    "a-1",
+    "Ä-1",
+    "ä-1",
+    "A\u{308}-1",
+    "注文-1",
+    "😀-1",
+    "A%201",
+    "A 1",
+    "%",
+    "%25",
+    "A\u{a0}1",
+    "A\u{2028}1",
 ];
 
 /// Order bodies that are poison, with the reason each must be dead-lettered
 /// with (the store could not hold them, or the id cannot be a key).
 fn poison() -> Vec<(Vec<u8>, &'static str)> {
     vec![
-        (order("P-1", "c", 100, r#""note":"\ud800""#), "lone surrogate"),
-        (order("P-2", "c", 100, r#""note":"x\udc00y""#), "lone surrogate"),
+        (
+            order("P-1", "c", 100, r#""note":"\ud800""#),
+            "lone surrogate",
+        ),
+        (
+            order("P-2", "c", 100, r#""note":"x\udc00y""#),
+            "lone surrogate",
+        ),
         (order("P-3", "c", 100, r#""n":1e200000"#), "beyond numeric"),
-        (order("P-4", "c", 100, r#""note":"a\u0000b""#), "escaped NUL"),
+        (
+            order("P-4", "c", 100, r#""note":"a\u0000b""#),
+            "escaped NUL",
+        ),
         (order("   ", "c", 100, ""), "blank id"),
         (order("\u{3000}", "c", 100, ""), "blank id"),
     ]
@@ -61,10 +84,20 @@ fn odd_but_valid() -> Vec<Vec<u8>> {
         // A backslash followed by `u0000`: ordinary text.
         order("V-1", "c", 100, r#""note":"\\u0000""#),
         order("V-2", "c", 100, r#""n":1e400,"m":-0.000000000000000000001"#),
-        order("V-3", "c", 100, r#""n":123456789012345678901234567890.123456789"#),
+        order(
+            "V-3",
+            "c",
+            100,
+            r#""n":123456789012345678901234567890.123456789"#,
+        ),
         order("V-4", "c", 100, r#""dup":1,"dup":2"#),
         order("V-5", "c", 100, r#""pair":"\ud83d\ude00","ls":"\u2028""#),
-        order("V-6", "c", 100, r#""deep":{"a":[{"b":[{"c":[1,2,{"d":null}]}]}]}"#),
+        order(
+            "V-6",
+            "c",
+            100,
+            r#""deep":{"a":[{"b":[{"c":[1,2,{"d":null}]}]}]}"#,
+        ),
     ]
 }
 
@@ -166,7 +199,12 @@ async fn a_mixed_run_charges_each_stored_order_once_and_nothing_else() {
         let (customer, amount, charge_id) = rows
             .get(&entry.order_id)
             .unwrap_or_else(|| panic!("charge {} has no stored order", entry.order_id));
-        assert_eq!(charge_id.as_ref(), Some(&entry.charge_id), "{}", entry.order_id);
+        assert_eq!(
+            charge_id.as_ref(),
+            Some(&entry.charge_id),
+            "{}",
+            entry.order_id
+        );
         assert_eq!(
             (customer, *amount),
             (&entry.customer_id, entry.amount_cents),
@@ -174,9 +212,16 @@ async fn a_mixed_run_charges_each_stored_order_once_and_nothing_else() {
             entry.order_id
         );
     }
-    let charge_ids: std::collections::HashSet<&str> =
-        ledger.charges.iter().map(|e| e.charge_id.as_str()).collect();
-    assert_eq!(charge_ids.len(), ledger.charges.len(), "one charge for two orders");
+    let charge_ids: std::collections::HashSet<&str> = ledger
+        .charges
+        .iter()
+        .map(|e| e.charge_id.as_str())
+        .collect();
+    assert_eq!(
+        charge_ids.len(),
+        ledger.charges.len(),
+        "one charge for two orders"
+    );
     for id in DISTINCT_IDS {
         assert!(rows.contains_key(*id), "{id:?} not stored");
     }
@@ -206,7 +251,9 @@ async fn a_mixed_run_charges_each_stored_order_once_and_nothing_else() {
     assert!(conflict_ids.contains(&"C-2"), "{conflict_ids:?}");
     for (h, _) in &conflicts {
         let ours = h.get("x-conveyor-payload-digest").expect("digest header");
-        let theirs = h.get("x-conveyor-stored-digest").expect("stored digest header");
+        let theirs = h
+            .get("x-conveyor-stored-digest")
+            .expect("stored digest header");
         assert_eq!(ours.len(), 64);
         assert_ne!(ours, theirs);
     }
@@ -218,7 +265,9 @@ async fn a_mixed_run_charges_each_stored_order_once_and_nothing_else() {
     let poison_dead = dead
         .iter()
         .filter(|(h, _)| h.get("x-conveyor-stage").map(String::as_str) == Some("decode"))
-        .filter(|(h, _)| h.get("x-conveyor-reason").map(String::as_str) != Some("conflicting_duplicate"))
+        .filter(|(h, _)| {
+            h.get("x-conveyor-reason").map(String::as_str) != Some("conflicting_duplicate")
+        })
         .count();
     // Each poison message was published twice (phases 1 and 2).
     assert_eq!(poison_dead, 2 * poison.len(), "{dead:?}");

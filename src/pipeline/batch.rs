@@ -126,13 +126,12 @@ async fn write(ctx: &Context, batch: Vec<Finished>) {
                 tracing::warn!(order_id = %record.order_id, %position,
                     "order_id stored meanwhile with other contents; dead-lettering");
                 ctx.dead_letter(conflicting_duplicate(
-                    token,
-                    raw,
-                    key,
-                    position,
+                    (token, raw, key, position),
                     record.order_id,
-                    &record.payload_digest,
-                    digest.as_deref().unwrap_or_default(),
+                    (
+                        &record.payload_digest,
+                        digest.as_deref().unwrap_or_default(),
+                    ),
                     "persist",
                 ));
             }
@@ -445,7 +444,10 @@ mod tests {
             .await
             .expect("stored");
         assert_eq!(stored.len(), 2);
-        assert_eq!(stored["o-1"].as_deref(), Some(first.payload_digest.as_str()));
+        assert_eq!(
+            stored["o-1"].as_deref(),
+            Some(first.payload_digest.as_str())
+        );
     }
 
     #[tokio::test]

@@ -33,12 +33,12 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::downstream::retry::FullJitter;
 use crate::downstream::{
     ChargeStatus, CircuitBreaker, PaymentClient, RetryError, RuleEngineClient,
 };
 use crate::order::{self, Decoded, Digest, Order};
 use crate::source::{AckToken, DeadLetter, Delivery, Position, Settlement};
-use crate::downstream::retry::FullJitter;
 use crate::store::{Record, Status, Store, StoredDigests};
 use crate::telemetry::{Health, Metrics};
 
@@ -182,14 +182,11 @@ impl Context {
 
 /// The dead letter for a message whose `order_id` is stored with another
 /// payload digest: another order reusing the id, not a redelivery.
+/// `digests` are this message's and the stored row's.
 pub(crate) fn conflicting_duplicate(
-    token: AckToken,
-    body: Bytes,
-    key: Option<Bytes>,
-    position: Position,
+    (token, body, key, position): (AckToken, Bytes, Option<Bytes>, Position),
     order_id: String,
-    digest: &str,
-    stored: &str,
+    (digest, stored): (&str, &str),
     stage: &'static str,
 ) -> DeadLetter {
     DeadLetter {
@@ -348,7 +345,15 @@ async fn decode_loop(
             .map(|(_, o)| o.order.order_id.clone())
             .collect();
         let stored = lookup(&ctx, &ids).await;
-        for (d, Decoded { order, payload, digest }) in decoded.drain(..) {
+        for (
+            d,
+            Decoded {
+                order,
+                payload,
+                digest,
+            },
+        ) in decoded.drain(..)
+        {
             match stored.get(&order.order_id) {
                 None => {}
                 // Same contents, or stored before digests existed (nothing
@@ -365,13 +370,9 @@ async fn decode_loop(
                     tracing::warn!(order_id = %order.order_id, position = %d.position,
                         "order_id already stored with other contents; dead-lettering");
                     ctx.dead_letter(conflicting_duplicate(
-                        d.token,
-                        d.body,
-                        d.key,
-                        d.position,
+                        (d.token, d.body, d.key, d.position),
                         order.order_id,
-                        &digest.to_hex(),
-                        theirs,
+                        (&digest.to_hex(), theirs),
                         "decode",
                     ));
                     continue;

@@ -166,6 +166,9 @@ pub async fn start(listen: SocketAddr, knobs: Knobs) -> std::io::Result<SimHandl
         .route("/ledger", get(ledger))
         .route("/knobs", get(get_knobs).put(put_knobs))
         .route("/healthz", get(|| async { "ok\n" }))
+        // axum's default is 2 MB; conveyor forwards orders of up to
+        // `source.max_message_bytes` (16 MiB at most) to the rule engine.
+        .layer(axum::extract::DefaultBodyLimit::max(32 * 1024 * 1024))
         .with_state(sim.clone());
     // Small request/response exchanges: without TCP_NODELAY, Nagle on our
     // side and delayed ACKs on the client's stall each answer for ~40 ms.

@@ -57,10 +57,7 @@ impl PgStore {
     }
 
     /// Commits `batch` (whose ids are unique) as one transaction.
-    pub async fn commit<R: Borrow<Record>>(
-        &self,
-        batch: &[R],
-    ) -> Result<Vec<Written>, StoreError> {
+    pub async fn commit<R: Borrow<Record>>(&self, batch: &[R]) -> Result<Vec<Written>, StoreError> {
         let n = batch.len();
         let mut ids = Vec::with_capacity(n);
         let mut statuses = Vec::with_capacity(n);

@@ -79,10 +79,7 @@ impl SqliteStore {
     }
 
     /// Commits `batch` (whose ids are unique) as one transaction.
-    pub async fn commit<R: Borrow<Record>>(
-        &self,
-        batch: &[R],
-    ) -> Result<Vec<Written>, StoreError> {
+    pub async fn commit<R: Borrow<Record>>(&self, batch: &[R]) -> Result<Vec<Written>, StoreError> {
         if batch.is_empty() {
             // An INSERT without VALUES is not SQL.
             return Ok(Vec::new());
