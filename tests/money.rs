@@ -141,12 +141,7 @@ async fn a_mixed_run_charges_each_stored_order_once_and_nothing_else() {
         acked(addr).await >= 300.0
     })
     .await;
-    let closed = tokio::task::spawn_blocking({
-        let queue = env.queue.clone();
-        move || close_consumer_connections(&queue)
-    })
-    .await
-    .expect("join");
+    let closed = close_consumer_connections(&env.queue).await;
     assert!(closed > 0, "no consumer connection to close");
     wait_for("phase 1 acked", Duration::from_secs(120), || async {
         acked(addr).await >= published1 as f64
