@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use common::{metric, wait_for, Daemon, Env};
 use conveyor::sim::{EndpointKnobs, Knobs};
+use nix::sys::signal::Signal;
 
 const MIB: u64 = 1024 * 1024;
 /// Each message: a valid order carrying this much in an unknown field.
@@ -78,7 +79,7 @@ async fn peak_growth(prefetch: u64) -> (f64, f64) {
     .await;
     let held_max = held_max.load(std::sync::atomic::Ordering::Relaxed) as f64;
     let (_, peak_kib) = daemon.rss_kib();
-    daemon.signal(libc::SIGTERM);
+    daemon.signal(Signal::SIGTERM);
     let (code, _) = daemon.wait(Duration::from_secs(20)).await;
     assert_eq!(code, Some(0), "log:\n{}", daemon.log_text());
     assert_eq!(env.rows().await, total as i64);
