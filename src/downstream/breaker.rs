@@ -14,11 +14,10 @@
 //!   the orders' *first* attempts whenever the window holds `min_calls` of
 //!   them: retries repeat the calls that already failed, so counting them
 //!   would inflate the rate (one order failing for its own reasons, retried
-//!   ten times, must not look like ten failing orders). The rate over all
-//!   attempts decides too, but only when there are too few first attempts or
-//!   they fail at least half as often as `failure_rate`: in a real outage
-//!   intake stalls behind workers busy retrying, and the window still holds
-//!   the healthier first attempts from before it.
+//!   ten times, must not look like ten failing orders). Only when there are
+//!   too few first attempts — intake has stalled because every worker is busy
+//!   retrying, which is what a real outage looks like — does the rate over all
+//!   attempts decide.
 //! * **Open** for `open_for`: no call goes through. The stage takes no new
 //!   order and the orders already in it wait (see [`super::retry`]).
 //! * **Half-open**: `half_open_probes` calls go through, the others still
@@ -135,23 +134,17 @@ impl Tally {
         step(&mut self.first_failures, !o.retry && o.failed);
     }
 
-    /// The failure rate that decides, with the calls it is over, or `None`
-    /// below the minimum throughput: the rate of first attempts when it alone
-    /// reaches `threshold`; else that of all attempts when it does and the
-    /// first attempts fail at least half as often (an outage stalls intake
-    /// and leaves older, healthier first attempts in the window, while one
-    /// order retried over and over leaves the first attempts' rate low).
-    fn verdict(&self, min_calls: usize, threshold: f64) -> Option<(f64, usize)> {
-        let rate = |f: usize, n: usize| f as f64 / n.max(1) as f64;
-        let first = rate(self.first_failures, self.first_calls);
-        let all = rate(self.failures, self.calls);
-        if self.first_calls >= min_calls && first >= threshold {
-            Some((first, self.first_calls))
-        } else if self.calls >= min_calls
-            && all >= threshold
-            && (self.first_calls < min_calls || first >= threshold / 2.0)
-        {
-            Some((all, self.calls))
+    /// The failure rate that decides, with the calls it is over: first
+    /// attempts when there are `min_calls` of them, else all attempts;
+    /// `None` below the minimum throughput.
+    fn verdict(&self, min_calls: usize) -> Option<(f64, usize)> {
+        if self.first_calls >= min_calls {
+            Some((
+                self.first_failures as f64 / self.first_calls as f64,
+                self.first_calls,
+            ))
+        } else if self.calls >= min_calls {
+            Some((self.failures as f64 / self.calls as f64, self.calls))
         } else {
             None
         }
@@ -400,10 +393,10 @@ impl CircuitBreaker {
                 inner.window.push_back(o);
                 inner.tally.add(o, true);
                 self.slide(&mut inner, now);
-                let verdict = inner
-                    .tally
-                    .verdict(self.cfg.min_calls as usize, self.cfg.failure_rate);
-                if let Some((rate, calls)) = verdict {
+                let Some((rate, calls)) = inner.tally.verdict(self.cfg.min_calls as usize) else {
+                    return;
+                };
+                if rate >= self.cfg.failure_rate {
                     let t = inner.tally;
                     tracing::warn!(
                         downstream = self.downstream,
