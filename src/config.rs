@@ -474,16 +474,14 @@ impl fmt::Debug for DownstreamConfig {
     }
 }
 
-/// Circuit breaker of one downstream. It opens when, among the calls of the
-/// last `window_duration` (at most the last `window`, at least `min_calls`),
-/// the share of transient failures (timeout, connect error, 5xx, 429)
-/// reaches `failure_rate` — first attempts weighed apart from retries (see
-/// `downstream::breaker`); a 4xx answer is the downstream working and counts
-/// as a success. While open, the stage takes no new orders and in-flight
-/// orders wait (intake pauses through the backpressure chain instead of
-/// dead-lettering the backlog). After `open_for` it turns half-open and lets
-/// `half_open_probes` calls through: a majority succeeding closes it, a
-/// majority failing opens it again.
+/// Circuit breaker of one downstream. It opens when, among the last `window`
+/// calls (at least `min_calls` of them), the share of transient failures
+/// (timeout, connect error, 5xx, 429) reaches `failure_rate`; a 4xx answer
+/// is the downstream working and counts as a success. While open, the stage
+/// takes no new orders and in-flight orders wait (intake pauses through the
+/// backpressure chain instead of dead-lettering the backlog). After
+/// `open_for` it turns half-open and lets `half_open_probes` calls through:
+/// all succeeding close it, one failing opens it again.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BreakerConfig {
@@ -491,19 +489,15 @@ pub struct BreakerConfig {
     pub enabled: bool,
     /// Share of failed calls in the window that opens the circuit, in (0, 1].
     pub failure_rate: f64,
-    /// At most this many of the most recent calls are in the window.
+    /// How many of the most recent calls the failure rate is computed over.
     pub window: u32,
-    /// The window slides over the calls of this last stretch of time.
-    #[serde(with = "humantime_serde")]
-    pub window_duration: Duration,
-    /// Fewer calls than this in the window never open the circuit (a minimum
-    /// throughput), so a couple of failures after a quiet spell, or a chance
-    /// run in a handful of calls, do not stop the stage.
+    /// Fewer calls than this in the window never open the circuit, so a
+    /// couple of failures after a quiet spell do not stop the stage.
     pub min_calls: u32,
     /// How long the circuit stays open before it lets probes through.
     #[serde(with = "humantime_serde")]
     pub open_for: Duration,
-    /// Calls let through while half-open; a majority must succeed to close it.
+    /// Calls let through while half-open; all must succeed to close it.
     pub half_open_probes: u32,
     /// `/readyz` turns false once the circuit has gone this long without
     /// closing (open and half-open alike): an outage that is not a blip.
@@ -516,9 +510,8 @@ impl Default for BreakerConfig {
         Self {
             enabled: true,
             failure_rate: 0.5,
-            window: 10_000,
-            window_duration: Duration::from_secs(10),
-            min_calls: 50,
+            window: 20,
+            min_calls: 10,
             open_for: Duration::from_secs(5),
             half_open_probes: 3,
             not_ready_after: Duration::from_secs(30),
@@ -1188,15 +1181,9 @@ impl Config {
                 ),
             );
             check(
-                (1..=100_000).contains(&b.window),
+                (1..=10_000).contains(&b.window),
                 &format!("{name}.breaker.window"),
-                format!("must be in 1..=100000, got {}", b.window),
-            );
-            check_duration(
-                &mut check,
-                &format!("{name}.breaker.window_duration"),
-                b.window_duration,
-                HOUR,
+                format!("must be in 1..=10000, got {}", b.window),
             );
             check(
                 (1..=b.window.max(1)).contains(&b.min_calls),
@@ -1614,12 +1601,12 @@ mod tests {
         let text = err.to_string();
         for want in [
             "payment.breaker.failure_rate: must be in (0, 1] (above 0, at most 1), got 0",
-            "payment.breaker.window: must be in 1..=100000, got 0",
+            "payment.breaker.window: must be in 1..=10000, got 0",
             "payment.breaker.half_open_probes: must be in 1..=1000, got 0",
             "payment.breaker.open_for: must be in 1ms..=1h, got 0s",
             "rule_engine.breaker.failure_rate: must be in (0, 1] (above 0, at most 1), got 1.5",
-            // The default min_calls (50) cannot exceed a window of 5.
-            "rule_engine.breaker.min_calls: must be in 1..=5 (at most breaker.window), got 50",
+            // The default min_calls (10) cannot exceed a window of 5.
+            "rule_engine.breaker.min_calls: must be in 1..=5 (at most breaker.window), got 10",
         ] {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }

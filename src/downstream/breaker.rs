@@ -2,37 +2,16 @@
 //! for a while instead of spending every in-flight order's retry budget on
 //! it, and let the backpressure chain pause intake meanwhile.
 //!
-//! * **Closed**: every call goes through. The outcomes of the calls of the
-//!   last `window_duration` (at most the last `window` of them) are kept: a
-//!   sliding window in time, so its size follows the traffic and a busy
-//!   downstream is judged on thousands of calls, not on the last twenty. Once
-//!   the window holds at least `min_calls` calls (a minimum throughput) and
+//! * **Closed**: every call goes through. The outcomes of the last
+//!   `window` calls are kept; once at least `min_calls` are in the window and
 //!   the share of *transient* failures (timeout, connect error, 5xx, 429)
 //!   reaches `failure_rate`, the circuit opens. A permanent answer (4xx) is
 //!   the downstream working and counts as a success.
-//! * **First attempts and retries are weighed apart.** The rate is that of
-//!   the orders' *first* attempts whenever the window holds `min_calls` of
-//!   them: retries repeat the calls that already failed, so counting them
-//!   would inflate the rate (one order failing for its own reasons, retried
-//!   ten times, must not look like ten failing orders). Only when there are
-//!   too few first attempts — intake has stalled because every worker is busy
-//!   retrying, which is what a real outage looks like — does the rate over all
-//!   attempts decide.
 //! * **Open** for `open_for`: no call goes through. The stage takes no new
 //!   order and the orders already in it wait (see [`super::retry`]).
 //! * **Half-open**: `half_open_probes` calls go through, the others still
-//!   wait. A majority of them succeeding closes the circuit (with an empty
-//!   window); as soon as a majority can no longer succeed it opens again for
-//!   another `open_for`. All-of-N would reopen a downstream that fails 30 %
-//!   of calls two times in three with three probes; a majority of three
-//!   closes it four times in five, and a dead downstream still fails them all.
-//!
-//! Why: a count window of 20 calls at 30 % transient failures reaches 50 % by
-//! chance about once every 20 calls (binomial tail), so a partial failure
-//! that retries absorb completely became an outage. With the defaults (10 s,
-//! at least 50 calls) the same 30 % is more than 3 standard deviations below
-//! the threshold even at the minimum throughput, and further still at any
-//! real load.
+//!   wait. All probes succeeding closes the circuit (with an empty window);
+//!   one failing opens it again for another `open_for`.
 //!
 //! Every outcome is tied to the phase its call was admitted in: a call that
 //! started while closed and finishes after the circuit opened (or closed
@@ -58,14 +37,8 @@ use crate::telemetry::ReadinessCheck;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     Closed,
-    Open {
-        until: Instant,
-    },
-    HalfOpen {
-        admitted: u32,
-        succeeded: u32,
-        failed: u32,
-    },
+    Open { until: Instant },
+    HalfOpen { admitted: u32, succeeded: u32 },
 }
 
 impl State {
@@ -92,63 +65,12 @@ struct Inner {
     state: State,
     /// Bumped on every transition: a permit from an earlier phase does not vote.
     phase: u64,
-    /// The calls of the window while closed, oldest first.
-    window: VecDeque<Outcome>,
-    tally: Tally,
+    /// Outcomes of the most recent calls while closed, `true` = failed.
+    window: VecDeque<bool>,
+    failures: usize,
     /// When the circuit last left `Closed`; `None` while closed. Readiness
     /// measures the outage from here, across open/half-open cycles.
     not_closed_since: Option<Instant>,
-}
-
-/// One call's outcome in the window.
-#[derive(Debug, Clone, Copy)]
-struct Outcome {
-    at: Instant,
-    failed: bool,
-    retry: bool,
-}
-
-/// Counts over the window, kept in step with it.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Tally {
-    calls: usize,
-    failures: usize,
-    first_calls: usize,
-    first_failures: usize,
-}
-
-impl Tally {
-    fn add(&mut self, o: Outcome, sign: bool) {
-        let step = |n: &mut usize, by: bool| {
-            if by {
-                if sign {
-                    *n += 1;
-                } else {
-                    *n = n.saturating_sub(1);
-                }
-            }
-        };
-        step(&mut self.calls, true);
-        step(&mut self.failures, o.failed);
-        step(&mut self.first_calls, !o.retry);
-        step(&mut self.first_failures, !o.retry && o.failed);
-    }
-
-    /// The failure rate that decides, with the calls it is over: first
-    /// attempts when there are `min_calls` of them, else all attempts;
-    /// `None` below the minimum throughput.
-    fn verdict(&self, min_calls: usize) -> Option<(f64, usize)> {
-        if self.first_calls >= min_calls {
-            Some((
-                self.first_failures as f64 / self.first_calls as f64,
-                self.first_calls,
-            ))
-        } else if self.calls >= min_calls {
-            Some((self.failures as f64 / self.calls as f64, self.calls))
-        } else {
-            None
-        }
-    }
 }
 
 /// The circuit breaker of one downstream.
@@ -171,24 +93,15 @@ pub struct Permit<'a> {
     breaker: &'a CircuitBreaker,
     phase: u64,
     probe: bool,
-    retry: bool,
     reported: bool,
 }
 
 impl Permit<'_> {
-    /// Marks the call as a retry of an order already tried: while closed it
-    /// is weighed apart from first attempts (see the module doc).
-    pub fn retry(mut self) -> Self {
-        self.retry = true;
-        self
-    }
-
     /// Reports how the call went: only a transient failure is a failure.
     pub fn record<T>(mut self, outcome: &Result<T, CallError>) {
         self.reported = true;
         let failed = matches!(outcome, Err(e) if e.is_transient());
-        self.breaker
-            .record(self.phase, self.probe, self.retry, failed);
+        self.breaker.record(self.phase, self.probe, failed);
     }
 }
 
@@ -210,8 +123,8 @@ impl CircuitBreaker {
             inner: Mutex::new(Inner {
                 state: State::Closed,
                 phase: 0,
-                window: VecDeque::new(),
-                tally: Tally::default(),
+                window: VecDeque::with_capacity(cfg.window as usize),
+                failures: 0,
                 not_closed_since: None,
             }),
             changed: watch::channel(()).0,
@@ -258,7 +171,6 @@ impl CircuitBreaker {
                     State::HalfOpen {
                         admitted: 1,
                         succeeded: 0,
-                        failed: 0,
                     },
                 );
                 let phase = inner.phase;
@@ -267,12 +179,10 @@ impl CircuitBreaker {
             State::HalfOpen {
                 admitted,
                 succeeded,
-                failed,
             } if admitted < self.cfg.half_open_probes => {
                 inner.state = State::HalfOpen {
                     admitted: admitted + 1,
                     succeeded,
-                    failed,
                 };
                 let phase = inner.phase;
                 Some(self.permit(phase, true))
@@ -344,7 +254,6 @@ impl CircuitBreaker {
             breaker: self,
             phase,
             probe,
-            retry: false,
             reported: false,
         }
     }
@@ -355,26 +264,7 @@ impl CircuitBreaker {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Drops the calls that have left the window: older than
-    /// `window_duration`, or beyond the last `window`.
-    fn slide(&self, inner: &mut Inner, now: Instant) {
-        let max = self.cfg.window as usize;
-        while let Some(&oldest) = inner.window.front() {
-            let stale = now.saturating_duration_since(oldest.at) >= self.cfg.window_duration;
-            if !stale && inner.window.len() <= max {
-                break;
-            }
-            inner.window.pop_front();
-            inner.tally.add(oldest, false);
-        }
-    }
-
-    /// Probes that must succeed to close the circuit: a strict majority.
-    fn majority(&self) -> u32 {
-        self.cfg.half_open_probes / 2 + 1
-    }
-
-    fn record(&self, phase: u64, probe: bool, retry: bool, failed: bool) {
+    fn record(&self, phase: u64, probe: bool, failed: bool) {
         if !self.cfg.enabled {
             return;
         }
@@ -384,27 +274,19 @@ impl CircuitBreaker {
         }
         match inner.state {
             State::Closed => {
-                let now = Instant::now();
-                let o = Outcome {
-                    at: now,
-                    failed,
-                    retry,
-                };
-                inner.window.push_back(o);
-                inner.tally.add(o, true);
-                self.slide(&mut inner, now);
-                let Some((rate, calls)) = inner.tally.verdict(self.cfg.min_calls as usize) else {
-                    return;
-                };
-                if rate >= self.cfg.failure_rate {
-                    let t = inner.tally;
+                inner.window.push_back(failed);
+                inner.failures += usize::from(failed);
+                if inner.window.len() > self.cfg.window as usize {
+                    let oldest = inner.window.pop_front().unwrap_or(false);
+                    inner.failures -= usize::from(oldest);
+                }
+                let calls = inner.window.len();
+                let rate = inner.failures as f64 / calls as f64;
+                if calls >= self.cfg.min_calls as usize && rate >= self.cfg.failure_rate {
                     tracing::warn!(
                         downstream = self.downstream,
                         calls,
-                        first_attempts = t.first_calls,
-                        first_attempt_failures = t.first_failures,
-                        attempts = t.calls,
-                        failures = t.failures,
+                        failures = inner.failures,
                         failure_rate = rate,
                         open_for = ?self.cfg.open_for,
                         "circuit opens: the downstream keeps failing"
@@ -415,39 +297,27 @@ impl CircuitBreaker {
             State::HalfOpen {
                 admitted,
                 succeeded,
-                failed: probes_failed,
             } if probe => {
-                let (succeeded, probes_failed) = if failed {
-                    (succeeded, probes_failed + 1)
-                } else {
-                    (succeeded + 1, probes_failed)
-                };
-                let majority = self.majority();
-                if succeeded >= majority {
-                    tracing::info!(
-                        downstream = self.downstream,
-                        succeeded,
-                        failed = probes_failed,
-                        outage = ?inner.not_closed_since.map(|t| t.elapsed()),
-                        "circuit closes: a majority of the probes succeeded"
-                    );
-                    inner.window.clear();
-                    inner.tally = Tally::default();
-                    self.transition(&mut inner, State::Closed);
-                } else if probes_failed > self.cfg.half_open_probes - majority {
+                if failed {
                     tracing::warn!(
                         downstream = self.downstream,
-                        succeeded,
-                        failed = probes_failed,
                         open_for = ?self.cfg.open_for,
-                        "circuit reopens: a majority of the probes can no longer succeed"
+                        "circuit reopens: a probe failed"
                     );
                     self.open(&mut inner);
+                } else if succeeded + 1 >= self.cfg.half_open_probes {
+                    tracing::info!(
+                        downstream = self.downstream,
+                        outage = ?inner.not_closed_since.map(|t| t.elapsed()),
+                        "circuit closes: every probe succeeded"
+                    );
+                    inner.window.clear();
+                    inner.failures = 0;
+                    self.transition(&mut inner, State::Closed);
                 } else {
                     inner.state = State::HalfOpen {
                         admitted,
-                        succeeded,
-                        failed: probes_failed,
+                        succeeded: succeeded + 1,
                     };
                 }
             }
@@ -466,13 +336,11 @@ impl CircuitBreaker {
         if let State::HalfOpen {
             admitted,
             succeeded,
-            failed,
         } = inner.state
         {
             inner.state = State::HalfOpen {
                 admitted: admitted.saturating_sub(1),
                 succeeded,
-                failed,
             };
             drop(inner);
             self.changed.send_replace(());
@@ -529,7 +397,6 @@ mod tests {
             enabled: true,
             failure_rate: 0.5,
             window: 10,
-            window_duration: Duration::from_secs(10),
             min_calls: 4,
             open_for: Duration::from_secs(5),
             half_open_probes: 2,
@@ -645,7 +512,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn half_open_probes_succeeding_close_it() {
+    async fn half_open_probes_all_succeeding_close_it() {
         let b = breaker(cfg());
         open_it(&b);
         tokio::time::advance(Duration::from_millis(4_999)).await;
@@ -657,8 +524,7 @@ mod tests {
             b.state(),
             State::HalfOpen {
                 admitted: 1,
-                succeeded: 0,
-                failed: 0,
+                succeeded: 0
             }
         );
         assert_eq!(b.gauge.get(), 1);
@@ -802,114 +668,5 @@ mod tests {
         }
         assert!(b.is_closed());
         assert!(health.check_failures().is_empty());
-    }
-    #[tokio::test(start_paused = true)]
-    async fn the_window_is_in_time() {
-        let b = breaker(BreakerConfig {
-            window: 1_000,
-            ..cfg()
-        });
-        for _ in 0..3 {
-            call(&b, unavailable());
-        }
-        // Ten seconds later those three have left the window.
-        tokio::time::advance(Duration::from_secs(10)).await;
-        call(&b, unavailable());
-        assert!(b.is_closed(), "one failure in the window, below min_calls");
-        for _ in 0..3 {
-            call(&b, Ok(()));
-        }
-        assert!(b.is_closed(), "1 of 4");
-        tokio::time::advance(Duration::from_millis(9_999)).await;
-        call(&b, unavailable());
-        assert!(b.is_closed(), "2 of 5");
-        call(&b, unavailable());
-        assert!(matches!(b.state(), State::Open { .. }), "3 of 6 in 10 s");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn retries_are_weighed_apart_from_first_attempts() {
-        let b = breaker(BreakerConfig {
-            window: 1_000,
-            ..cfg()
-        });
-        for _ in 0..4 {
-            call(&b, Ok(()));
-        }
-        // One order failing for its own reasons, retried many times, among
-        // healthy first attempts: 3 of 4 calls fail.
-        for i in 0..40 {
-            if i % 4 == 0 {
-                call(&b, Ok(()));
-            } else {
-                b.try_acquire()
-                    .expect("admitted")
-                    .retry()
-                    .record(&unavailable());
-            }
-        }
-        assert!(b.is_closed(), "every first attempt succeeded");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn retries_decide_when_first_attempts_are_too_few() {
-        let b = breaker(cfg());
-        call(&b, unavailable());
-        for _ in 0..3 {
-            b.try_acquire()
-                .expect("admitted")
-                .retry()
-                .record(&unavailable());
-        }
-        assert!(
-            matches!(b.state(), State::Open { .. }),
-            "workers stuck retrying: an outage"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_partial_failure_does_not_open_it_at_the_defaults() {
-        let b = breaker(BreakerConfig::default());
-        // 30 % transient failures at 200 calls/s for a minute, first attempts
-        // and their retries, in a fixed pseudo-random order.
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for _ in 0..60 * 200 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let fails = x % 100 < 30;
-            let p = b.try_acquire().expect("closed");
-            let p = if x % 3 == 0 { p.retry() } else { p };
-            p.record(&if fails { unavailable() } else { Ok(()) });
-            tokio::time::advance(Duration::from_millis(5)).await;
-        }
-        assert!(b.is_closed());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn half_open_closes_on_a_majority_and_reopens_once_it_is_lost() {
-        let b = breaker(BreakerConfig {
-            half_open_probes: 3,
-            ..cfg()
-        });
-        open_it(&b);
-        tokio::time::advance(Duration::from_secs(5)).await;
-        let probes: Vec<_> = (0..3).map(|_| b.try_acquire().expect("probe")).collect();
-        let mut probes = probes.into_iter();
-        probes.next().expect("probe").record(&unavailable());
-        assert!(matches!(b.state(), State::HalfOpen { failed: 1, .. }));
-        probes.next().expect("probe").record(&Ok(()));
-        probes.next().expect("probe").record(&Ok(()));
-        assert!(b.is_closed(), "2 of 3");
-
-        open_it(&b);
-        tokio::time::advance(Duration::from_secs(5)).await;
-        let probes: Vec<_> = (0..3).map(|_| b.try_acquire().expect("probe")).collect();
-        let mut probes = probes.into_iter();
-        probes.next().expect("probe").record(&Ok(()));
-        probes.next().expect("probe").record(&unavailable());
-        assert!(matches!(b.state(), State::HalfOpen { .. }));
-        probes.next().expect("probe").record(&unavailable());
-        assert!(matches!(b.state(), State::Open { .. }), "2 of 3 failed");
     }
 }

@@ -121,7 +121,6 @@ where
                 p
             }
         };
-        let permit = if attempts > 0 { permit.retry() } else { permit };
         attempts += 1;
         let res = op().await;
         permit.record(&res);
