@@ -18,6 +18,7 @@ pub mod sim;
 pub mod source;
 pub mod store;
 pub mod telemetry;
+pub mod tools;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -38,6 +38,13 @@ enum Command {
     /// Run the whole daemon on embedded defaults (in-process Kafka mock
     /// cluster, SQLite, the simulator) over a load of orders, then check it.
     Demo(DemoArgs),
+    /// Serve the HTTP intake (POST /orders/batch, GET /orders) in front of
+    /// the broker, until SIGTERM/SIGINT, then drain.
+    Ingest,
+    /// Stream stored orders out as NDJSON or CSV.
+    Export(conveyor::tools::cli::ExportCli),
+    /// Inspect, replay or purge the dead letters of either broker.
+    Dlq(conveyor::tools::cli::DlqCli),
 }
 
 #[derive(clap::Args)]
@@ -235,6 +242,14 @@ fn main() -> ExitCode {
             Command::CheckConfig => Ok(0),
             Command::Simulate(a) => simulate(a).await.map(|()| 0),
             Command::Produce(a) => produce(&config, a).await.map(|()| 0),
+            Command::Ingest => {
+                let stop = conveyor::shutdown::install()?;
+                conveyor::tools::ingest::run(config, stop.cancelled_owned(), None)
+                    .await
+                    .map(|()| 0)
+            }
+            Command::Export(a) => a.run(&config).await.map(|()| 0),
+            Command::Dlq(a) => a.run(&config).await.map(|()| 0),
             Command::Demo(a) => {
                 let ok = conveyor::demo::run(conveyor::demo::DemoArgs {
                     orders: a.orders,

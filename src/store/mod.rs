@@ -9,6 +9,7 @@
 //! *transient* and the whole batch is retried.
 
 pub mod postgres;
+pub mod read;
 pub mod sqlite;
 
 use std::borrow::Borrow;
