@@ -318,3 +318,125 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// Publishes `(headers, body)` messages straight into a queue, with
+/// confirms, as the daemon's dead-letter publisher would.
+pub async fn rabbit_put(queue: &str, messages: Vec<(Vec<(&str, String)>, Vec<u8>)>) {
+    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+    let cfg = conveyor::config::RabbitConfig {
+        queue: queue.to_string(),
+        declare: false,
+        ..conveyor::config::RabbitConfig::default()
+    };
+    let conn = conveyor::produce::connect_rabbit(&cfg)
+        .await
+        .expect("connect");
+    let ch = conveyor::produce::ConfirmChannel::open(&conn)
+        .await
+        .expect("channel");
+    let mut pending = Vec::new();
+    for (headers, body) in messages {
+        let mut t = FieldTable::default();
+        for (k, v) in headers {
+            t.insert(
+                ShortString::from(k),
+                AMQPValue::LongString(LongString::from(v.into_bytes())),
+            );
+        }
+        let props = lapin::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_headers(t);
+        pending.push(ch.publish("", queue, &body, props).await.expect("publish"));
+        if pending.len() >= 500 {
+            futures::future::try_join_all(std::mem::take(&mut pending))
+                .await
+                .expect("confirms");
+        }
+    }
+    futures::future::try_join_all(pending)
+        .await
+        .expect("confirms");
+    ch.close().await;
+    conn.close(200, "done".into()).await.ok();
+}
+
+/// Takes every message from a queue: (headers as text, body).
+pub async fn rabbit_take_all(
+    queue: &str,
+) -> Vec<(std::collections::HashMap<String, String>, Vec<u8>)> {
+    use lapin::options::{BasicAckOptions, BasicGetOptions};
+    use lapin::types::AMQPValue;
+    let conn = lapin::Connection::connect(common_amqp(), lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let mut out = Vec::new();
+    while let Some(msg) = ch
+        .basic_get(queue.into(), BasicGetOptions::default())
+        .await
+        .expect("basic.get")
+    {
+        let mut headers = std::collections::HashMap::new();
+        if let Some(h) = msg.delivery.properties.headers() {
+            for (k, v) in h.inner() {
+                if let AMQPValue::LongString(s) = v {
+                    headers.insert(k.to_string(), s.to_string());
+                }
+            }
+        }
+        out.push((headers, msg.delivery.data.clone()));
+        msg.delivery
+            .acker
+            .ack(BasicAckOptions::default())
+            .await
+            .expect("ack");
+    }
+    conn.close(200, "done".into()).await.ok();
+    out
+}
+
+fn common_amqp() -> &'static str {
+    "amqp://127.0.0.1:5672/%2f"
+}
+
+/// The `order_id` of an order body, if it has one.
+pub fn order_id(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()?
+        .get("order_id")?
+        .as_str()
+        .map(str::to_string)
+}
+
+/// Headers of a dead letter as the daemon writes them.
+pub fn dead_letter_headers(
+    reason: &str,
+    stage: &str,
+    order_id: &str,
+    failed_at: &str,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("x-conveyor-reason", reason.to_string()),
+        ("x-conveyor-detail", format!("{reason} in the test")),
+        ("x-conveyor-stage", stage.to_string()),
+        ("x-conveyor-failed-at", failed_at.to_string()),
+        ("x-conveyor-order-id", order_id.to_string()),
+    ]
+}
+
+/// Runs a `conveyor` subcommand to its end: (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], env: &[(String, String)]) -> (Option<i32>, String, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .envs(env.iter().cloned())
+        .env_remove("RUST_LOG")
+        .env("CONVEYOR__LOG__LEVEL", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run conveyor");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
