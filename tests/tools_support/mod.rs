@@ -321,7 +321,10 @@ pub fn free_port() -> u16 {
 
 /// Publishes `(headers, body)` messages straight into a queue, with
 /// confirms, as the daemon's dead-letter publisher would.
-pub async fn rabbit_put(queue: &str, messages: Vec<(Vec<(&str, String)>, Vec<u8>)>) {
+/// A message to put: its text headers and its body.
+pub type Letter<'a> = (Vec<(&'a str, String)>, Vec<u8>);
+
+pub async fn rabbit_put(queue: &str, messages: Vec<Letter<'_>>) {
     use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
     let cfg = conveyor::config::RabbitConfig {
         queue: queue.to_string(),

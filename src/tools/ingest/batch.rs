@@ -1,13 +1,14 @@
 //! One `POST /orders/batch` body: split into orders (a JSON array, or NDJSON
-//! one order per line), each checked by the daemon's own decoder, so that
-//! what ingest accepts `run` will not dead-letter as poison.
+//! one order per line), each checked by the daemon's own decoder
+//! (`decode_canonical`: well-formed and storable), so that what ingest
+//! accepts `run` will not dead-letter as poison.
 
 use std::collections::HashSet;
 
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::order::decode;
+use crate::order::decode_canonical;
 
 /// How the orders are laid out in the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,8 +102,9 @@ pub fn check(
     };
     let mut seen: HashSet<String> = HashSet::with_capacity(items.len());
     for (index, bytes) in items.into_iter().enumerate() {
-        match decode(bytes, max_message_bytes) {
-            Ok(order) => {
+        match decode_canonical(bytes, max_message_bytes) {
+            Ok(decoded) => {
+                let order = decoded.order;
                 if !seen.insert(order.order_id.clone()) {
                     checked.rejected.push(Rejection {
                         index,

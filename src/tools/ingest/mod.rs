@@ -483,7 +483,7 @@ async fn list_orders(State(s): State<Shared>, Query(p): Query<ListParams>) -> Re
     let head =
         futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(format.header()))]);
     let body = head
-        .chain(futures::stream::iter(first).map(encode.clone()))
+        .chain(futures::stream::iter(first).map(encode))
         .chain(rows.map(encode));
     (
         [(header::CONTENT_TYPE, format.content_type())],
