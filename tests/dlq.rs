@@ -212,7 +212,7 @@ async fn a_replay_killed_mid_run_on_rabbitmq_loses_nothing() {
         || async { env.ready(&env.queue).await >= 300 },
     )
     .await;
-    child.signal(libc::SIGKILL);
+    child.signal(nix::sys::signal::Signal::SIGKILL);
     drop(child);
     // Whatever the replay held unacknowledged is back in the DLQ.
     wait_for(

@@ -250,7 +250,7 @@ async fn kill_9_mid_request_gives_no_202_and_a_resubmission_stores_each_order_on
         || async { env.ready(&env.queue).await > 0 },
     )
     .await;
-    child.signal(libc::SIGKILL);
+    child.signal(nix::sys::signal::Signal::SIGKILL);
     let outcome = request.await.expect("join");
     assert!(
         outcome.is_err() || outcome.as_ref().is_ok_and(|s| *s != 202),
@@ -322,7 +322,7 @@ async fn sigterm_lets_the_request_in_flight_finish_with_its_202_then_exits_0() {
         || async { env.ready(&env.queue).await > 0 },
     )
     .await;
-    child.signal(libc::SIGTERM);
+    child.signal(nix::sys::signal::Signal::SIGTERM);
     // Draining: no new connection is taken.
     wait_for("the listener closed", Duration::from_secs(5), || async {
         std::net::TcpStream::connect(addr).is_err()

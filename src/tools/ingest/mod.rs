@@ -205,6 +205,7 @@ pub async fn run(
         f(addr);
     }
     crate::notify::ready();
+    let watchdog = crate::notify::spawn_watchdog(stop_keeper.clone());
     shutdown.await;
     crate::notify::stopping();
     state.draining.store(true, Ordering::Relaxed);
@@ -214,6 +215,9 @@ pub async fn run(
     let drained = tokio::time::timeout(drain, server).await;
     stop_keeper.cancel();
     let _ = keeper.await;
+    if let Some(w) = watchdog {
+        let _ = w.await;
+    }
     state.publisher.close().await;
     state.store.close().await;
     match drained {
