@@ -187,7 +187,7 @@ enum DlqCommand {
 /// The broker-specific side of a `dlq` command.
 enum Target {
     Rabbit(crate::config::RabbitConfig),
-    Kafka(dlq::kafka::Target),
+    Kafka(Box<dlq::kafka::Target>),
 }
 
 impl Target {
@@ -232,11 +232,11 @@ impl DlqCli {
                 );
                 Target::Rabbit(config.rabbitmq.clone())
             }
-            Broker::Kafka => Target::Kafka(dlq::kafka::Target::new(
+            Broker::Kafka => Target::Kafka(Box::new(dlq::kafka::Target::new(
                 &config.kafka,
                 self.topic.clone(),
                 self.group.clone(),
-            )?),
+            )?)),
         })
     }
 
