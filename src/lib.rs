@@ -11,6 +11,7 @@ pub mod demo;
 pub mod downstream;
 pub mod notify;
 pub mod order;
+pub mod outcome;
 pub mod pipeline;
 pub mod produce;
 pub mod shutdown;
@@ -220,15 +221,15 @@ pub async fn run_with(
         let _ = w.await;
     }
 
-    let outcome = |label: &str| metrics.orders.with_label_values(&[label]).get();
+    let outcome = |o: outcome::Outcome| metrics.orders.with_label_values(&[o.as_str()]).get();
     let report = Report {
         received: metrics.received.get(),
         acked: metrics.acked.get(),
-        accepted: outcome("accepted"),
-        rejected: outcome("rejected"),
-        declined: outcome("declined"),
-        dead_lettered: outcome("dead_lettered"),
-        duplicates: outcome("duplicate"),
+        accepted: outcome(outcome::Outcome::Accepted),
+        rejected: outcome(outcome::Outcome::Rejected),
+        declined: outcome(outcome::Outcome::Declined),
+        dead_lettered: outcome(outcome::Outcome::DeadLettered),
+        duplicates: outcome(outcome::Outcome::Duplicate),
         drained,
         elapsed: started.elapsed(),
     };

@@ -46,7 +46,7 @@ pub struct Poison {
     pub detail: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PoisonKind {
     Empty,
     TooLarge,
@@ -63,6 +63,19 @@ pub enum PoisonKind {
 }
 
 impl PoisonKind {
+    pub const ALL: [PoisonKind; 10] = [
+        PoisonKind::Empty,
+        PoisonKind::TooLarge,
+        PoisonKind::InvalidUtf8,
+        PoisonKind::MalformedJson,
+        PoisonKind::Schema,
+        PoisonKind::InvalidAmount,
+        PoisonKind::AmountMismatch,
+        PoisonKind::UnknownCurrency,
+        PoisonKind::InvalidField,
+        PoisonKind::Unstorable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             PoisonKind::Empty => "empty",

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::{conflicting_duplicate, Context, Finished};
 use crate::downstream::retry::FullJitter;
+use crate::outcome::{DeadLetterReason, Outcome, Stage};
 use crate::source::DeadLetter;
 use crate::store::{Record, StoreError, Written};
 use crate::telemetry::Health;
@@ -105,10 +106,7 @@ async fn write(ctx: &Context, batch: Vec<Finished>) {
         match verdict {
             Ok(Written::Inserted) => {
                 ctx.metrics.end_to_end.observe(origin.elapsed_secs());
-                ctx.metrics
-                    .orders
-                    .with_label_values(&[record.status.as_str()])
-                    .inc();
+                ctx.metrics.outcome(record.status.into());
                 tokens.push(token);
             }
             // Another delivery of the same order got there first (both were
@@ -119,7 +117,7 @@ async fn write(ctx: &Context, batch: Vec<Finished>) {
             {
                 tracing::info!(order_id = %record.order_id, %position,
                     "order stored meanwhile by another delivery; acknowledging");
-                ctx.metrics.orders.with_label_values(&["duplicate"]).inc();
+                ctx.metrics.outcome(Outcome::Duplicate);
                 tokens.push(token);
             }
             Ok(Written::Existing { digest }) => {
@@ -132,7 +130,7 @@ async fn write(ctx: &Context, batch: Vec<Finished>) {
                         &record.payload_digest,
                         digest.as_deref().unwrap_or_default(),
                     ),
-                    "persist",
+                    Stage::Persist,
                 ));
             }
             Err(error) => ctx.dead_letter(DeadLetter {
@@ -140,9 +138,9 @@ async fn write(ctx: &Context, batch: Vec<Finished>) {
                 body: raw,
                 key,
                 position,
-                reason: "database".into(),
+                reason: DeadLetterReason::Database,
                 detail: error,
-                stage: "persist",
+                stage: Stage::Persist,
                 order_id: Some(record.order_id),
                 extra_headers: Vec::new(),
             }),

@@ -38,6 +38,7 @@ use crate::downstream::{
     ChargeStatus, CircuitBreaker, PaymentClient, RetryError, RuleEngineClient,
 };
 use crate::order::{self, Decoded, Digest, Order};
+use crate::outcome::{DeadLetterReason, Outcome, Stage};
 use crate::source::{AckToken, DeadLetter, Delivery, Position, Settlement};
 use crate::store::{Record, Status, Store, StoredDigests};
 use crate::telemetry::{Health, Metrics};
@@ -161,17 +162,17 @@ impl Context {
         }
     }
 
-    fn give_up(&self, it: InFlight, stage: &'static str, err: RetryError) {
+    fn give_up(&self, it: InFlight, stage: Stage, err: RetryError) {
         let reason = match &err {
-            RetryError::Exhausted { .. } => "retries_exhausted",
-            RetryError::Permanent(_) => "downstream_refused",
+            RetryError::Exhausted { .. } => DeadLetterReason::RetriesExhausted,
+            RetryError::Permanent(_) => DeadLetterReason::DownstreamRefused,
         };
         self.dead_letter(DeadLetter {
             token: it.token,
             body: it.raw,
             key: it.key,
             position: it.position,
-            reason: reason.into(),
+            reason,
             detail: err.to_string(),
             stage,
             order_id: Some(it.order.order_id),
@@ -187,14 +188,14 @@ pub(crate) fn conflicting_duplicate(
     (token, body, key, position): (AckToken, Bytes, Option<Bytes>, Position),
     order_id: String,
     (digest, stored): (&str, &str),
-    stage: &'static str,
+    stage: Stage,
 ) -> DeadLetter {
     DeadLetter {
         token,
         body,
         key,
         position,
-        reason: "conflicting_duplicate".into(),
+        reason: DeadLetterReason::ConflictingDuplicate,
         detail: format!(
             "order_id {order_id:?} is already stored with other contents \
              (stored payload digest {stored}, this message's {digest})"
@@ -224,7 +225,7 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
         let finished_tx = finished_tx.clone();
         stage(
             ctx.clone(),
-            "validate",
+            Stage::Validate,
             ctx.config.pipeline.validate_concurrency,
             ctx.rules.breaker(),
             validate_rx,
@@ -252,7 +253,7 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
                                 .send(it.finish(Status::Rejected, None, v.reasons))
                                 .await;
                         }
-                        Err(e) => ctx.give_up(it, "validate", e),
+                        Err(e) => ctx.give_up(it, Stage::Validate, e),
                     }
                 }
             },
@@ -263,7 +264,7 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
         let ctx2 = ctx.clone();
         stage(
             ctx.clone(),
-            "charge",
+            Stage::Charge,
             ctx.config.pipeline.charge_concurrency,
             ctx.payments.breaker(),
             charge_rx,
@@ -288,7 +289,7 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
                                 .send(it.finish(status, Some(c.charge_id), reasons))
                                 .await;
                         }
-                        Err(e) => ctx.give_up(it, "charge", e),
+                        Err(e) => ctx.give_up(it, Stage::Charge, e),
                     }
                 }
             },
@@ -330,9 +331,9 @@ async fn decode_loop(
                     body: d.body,
                     key: d.key,
                     position: d.position,
-                    reason: poison.kind.as_str().into(),
+                    reason: DeadLetterReason::Poison(poison.kind),
                     detail: poison.detail,
-                    stage: "decode",
+                    stage: Stage::Decode,
                     extra_headers: Vec::new(),
                 }),
             }
@@ -361,7 +362,7 @@ async fn decode_loop(
                 Some(theirs) if theirs.as_deref().is_none_or(|t| t == digest.to_hex()) => {
                     tracing::info!(order_id = %order.order_id, position = %d.position,
                         "order already stored; acknowledging");
-                    ctx.metrics.orders.with_label_values(&["duplicate"]).inc();
+                    ctx.metrics.outcome(Outcome::Duplicate);
                     ctx.done(vec![d.token]);
                     continue;
                 }
@@ -373,7 +374,7 @@ async fn decode_loop(
                         (d.token, d.body, d.key, d.position),
                         order.order_id,
                         (&digest.to_hex(), theirs),
-                        "decode",
+                        Stage::Decode,
                     ));
                     continue;
                 }
@@ -425,7 +426,7 @@ async fn lookup(ctx: &Context, ids: &[String]) -> StoredDigests {
 /// pushes back on the one before it.
 async fn stage<I, F, Fut>(
     ctx: Arc<Context>,
-    name: &'static str,
+    name: Stage,
     concurrency: usize,
     breaker: Arc<CircuitBreaker>,
     mut input: mpsc::Receiver<I>,
@@ -437,8 +438,8 @@ async fn stage<I, F, Fut>(
 {
     let slots = Arc::new(Semaphore::new(concurrency));
     let tasks = TaskTracker::new();
-    let in_flight = ctx.metrics.stage_in_flight.with_label_values(&[name]);
-    let duration = ctx.metrics.stage_duration.with_label_values(&[name]);
+    let in_flight = ctx.metrics.stage_in_flight.with_label_values(&[name.as_str()]);
+    let duration = ctx.metrics.stage_duration.with_label_values(&[name.as_str()]);
     // The stage is what an outage stops, so it is also what reports one.
     ctx.health.watch(breaker.clone());
     loop {

@@ -20,6 +20,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::outcome::{DeadLetterReason, Stage};
 use crate::telemetry::Metrics;
 
 /// A dead-letter publish is retried this many times (with full jitter,
@@ -145,13 +146,11 @@ pub struct DeadLetter {
     pub body: Bytes,
     pub key: Option<Bytes>,
     pub position: Position,
-    /// Stable label: a poison kind, `conflicting_duplicate`,
-    /// `retries_exhausted`, `downstream_refused`, `database`.
-    pub reason: String,
+    pub reason: DeadLetterReason,
     /// Human-readable detail.
     pub detail: String,
-    /// The stage that gave up: `decode`, `validate`, `charge`, `persist`.
-    pub stage: &'static str,
+    /// The stage that gave up.
+    pub stage: Stage,
     pub order_id: Option<String>,
     /// Headers of this reason only, e.g. both payload digests of a
     /// `conflicting_duplicate`.

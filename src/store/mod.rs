@@ -38,6 +38,16 @@ impl Status {
     }
 }
 
+impl From<Status> for crate::outcome::Outcome {
+    fn from(s: Status) -> Self {
+        match s {
+            Status::Accepted => Self::Accepted,
+            Status::Rejected => Self::Rejected,
+            Status::Declined => Self::Declined,
+        }
+    }
+}
+
 /// One row to store.
 #[derive(Debug, Clone)]
 pub struct Record {

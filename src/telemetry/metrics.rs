@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::outcome::{DeadLetterReason, Outcome, Stage};
 use prometheus::{
     exponential_buckets, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -272,14 +273,13 @@ impl Metrics {
             m.downstream_retries.with_label_values(&[downstream]);
             m.downstream_requests.with_label_values(&[downstream, "ok"]);
         }
-        for outcome in [
-            "accepted",
-            "rejected",
-            "declined",
-            "dead_lettered",
-            "duplicate",
-        ] {
-            m.orders.with_label_values(&[outcome]);
+        for outcome in Outcome::ALL {
+            m.orders.with_label_values(&[outcome.as_str()]);
+        }
+        // Every reason from the start, so a rate over a reason that has not
+        // happened yet is 0, not absent.
+        for reason in DeadLetterReason::all() {
+            m.dead_letters.with_label_values(&[reason.as_str()]);
         }
         m.broker_errors
             .with_label_values(&["rabbitmq", "reconnect_failed"]);
@@ -288,11 +288,16 @@ impl Metrics {
         for event in REBALANCE_EVENTS {
             m.kafka_rebalance.with_label_values(&[event]);
         }
-        for stage in ["validate", "charge"] {
-            m.stage_in_flight.with_label_values(&[stage]);
-            m.stage_duration.with_label_values(&[stage]);
+        for stage in [Stage::Validate, Stage::Charge] {
+            m.stage_in_flight.with_label_values(&[stage.as_str()]);
+            m.stage_duration.with_label_values(&[stage.as_str()]);
         }
         Ok(m)
+    }
+
+    /// Counts one order under its outcome.
+    pub fn outcome(&self, outcome: Outcome) {
+        self.orders.with_label_values(&[outcome.as_str()]).inc();
     }
 
     /// Counts a rebalance event (one of [`REBALANCE_EVENTS`]) for this many

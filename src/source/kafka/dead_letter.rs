@@ -65,7 +65,7 @@ pub(super) async fn produce_dead_letter(
     for (key, value) in [
         ("x-conveyor-reason", dl.reason.as_str()),
         ("x-conveyor-detail", dl.detail.as_str()),
-        ("x-conveyor-stage", dl.stage),
+        ("x-conveyor-stage", dl.stage.as_str()),
         ("x-conveyor-topic", src_topic.as_str()),
         ("x-conveyor-partition", partition.as_str()),
         ("x-conveyor-offset", offset.as_str()),

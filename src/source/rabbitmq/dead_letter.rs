@@ -27,9 +27,9 @@ pub(super) async fn publish_dead_letter(
     dl: &DeadLetter,
 ) -> Result<(), String> {
     let mut headers = FieldTable::default();
-    header(&mut headers, "x-conveyor-reason", &dl.reason);
+    header(&mut headers, "x-conveyor-reason", dl.reason.as_str());
     header(&mut headers, "x-conveyor-detail", &dl.detail);
-    header(&mut headers, "x-conveyor-stage", dl.stage);
+    header(&mut headers, "x-conveyor-stage", dl.stage.as_str());
     header(&mut headers, "x-conveyor-source", &dl.position.to_string());
     header(
         &mut headers,
