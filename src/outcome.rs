@@ -49,7 +49,12 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 4] = [Stage::Decode, Stage::Validate, Stage::Charge, Stage::Persist];
+    pub const ALL: [Stage; 4] = [
+        Stage::Decode,
+        Stage::Validate,
+        Stage::Charge,
+        Stage::Persist,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -161,7 +166,11 @@ mod tests {
         let reasons: HashSet<&str> = DeadLetterReason::all().map(|r| r.as_str()).collect();
         assert_eq!(reasons.len(), DeadLetterReason::all().count());
         for l in labels {
-            assert!(l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{l}");
+            assert!(
+                l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{l}"
+            );
         }
     }
 }

@@ -301,47 +301,83 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
     tokio::join!(decode, validate, charge, batcher, writers);
 }
 
-/// Most deliveries decoded together, so that one store lookup serves them.
-/// Only what is already waiting is taken: a lone delivery is not held back.
+/// Most deliveries decoded in one go.
 const DECODE_BATCH: usize = 128;
 
-/// Decodes each delivery; poison goes to the dead-letter destination.
-/// Before any downstream call, every decoded order is looked up in the store:
-/// an `order_id` stored with the same payload digest (a redelivery, a
-/// producer's resend) is acknowledged without calling anyone again; one
-/// stored with another digest is dead-lettered as `conflicting_duplicate`.
-/// Checking every order, not only those the broker flags as redelivered,
-/// is what keeps a resend days later — past the provider's idempotency
-/// window — from being charged again.
+/// Most orders looked up in one store query.
+const LOOKUP_BATCH: usize = 256;
+
+/// Decodes each delivery; poison goes to the dead-letter destination, the
+/// rest on to [`screen_loop`]. Decoding goes on while the screen waits for
+/// the store.
 async fn decode_loop(
     ctx: Arc<Context>,
     mut deliveries: mpsc::Receiver<Delivery>,
     validate: mpsc::Sender<InFlight>,
 ) {
-    let max = ctx.config.source.max_message_bytes;
-    let mut waiting = Vec::with_capacity(DECODE_BATCH);
-    let mut decoded: Vec<(Delivery, Decoded)> = Vec::with_capacity(DECODE_BATCH);
-    while deliveries.recv_many(&mut waiting, DECODE_BATCH).await > 0 {
-        for d in waiting.drain(..) {
-            match order::decode_canonical(&d.body, max) {
-                Ok(order) => decoded.push((d, order)),
-                Err(poison) => ctx.dead_letter(DeadLetter {
-                    token: d.token,
-                    order_id: None,
-                    body: d.body,
-                    key: d.key,
-                    position: d.position,
-                    reason: DeadLetterReason::Poison(poison.kind),
-                    detail: poison.detail,
-                    stage: Stage::Decode,
-                    extra_headers: Vec::new(),
-                }),
+    let (decoded_tx, decoded_rx) = mpsc::channel(LOOKUP_BATCH);
+    let screen = screen_loop(ctx.clone(), decoded_rx, validate);
+    let decode = async move {
+        let max = ctx.config.source.max_message_bytes;
+        let mut waiting = Vec::with_capacity(DECODE_BATCH);
+        while deliveries.recv_many(&mut waiting, DECODE_BATCH).await > 0 {
+            for d in waiting.drain(..) {
+                match order::decode_canonical(&d.body, max) {
+                    Ok(order) => {
+                        if decoded_tx.send((d, order)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(poison) => ctx.dead_letter(DeadLetter {
+                        token: d.token,
+                        order_id: None,
+                        body: d.body,
+                        key: d.key,
+                        position: d.position,
+                        reason: DeadLetterReason::Poison(poison.kind),
+                        detail: poison.detail,
+                        stage: Stage::Decode,
+                        extra_headers: Vec::new(),
+                    }),
+                }
             }
         }
-        if decoded.is_empty() {
-            continue;
+    };
+    tokio::join!(decode, screen);
+}
+
+/// Before any downstream call, every decoded order is looked up in the
+/// store: an `order_id` stored with the same payload digest (a redelivery, a
+/// producer's resend) is acknowledged without calling anyone again; one
+/// stored with another digest is dead-lettered as `conflicting_duplicate`.
+/// Checking every order, not only those the broker flags as redelivered,
+/// is what keeps a resend days later — past the provider's idempotency
+/// window — from being charged again.
+///
+/// Orders share lookups: once one arrives, the screen gathers those that
+/// follow for up to a quarter of `batch.max_wait` (or until it has
+/// [`LOOKUP_BATCH`]) and asks for all of them in one query. Under load that
+/// turns one query per order into one per few dozen, which is most of the
+/// database's cost of the check; idle, it delays an order by no more than
+/// its batch would wait anyway.
+async fn screen_loop(
+    ctx: Arc<Context>,
+    mut decoded: mpsc::Receiver<(Delivery, Decoded)>,
+    validate: mpsc::Sender<InFlight>,
+) {
+    let linger = ctx.config.batch.max_wait / 4;
+    let mut pending: Vec<(Delivery, Decoded)> = Vec::with_capacity(LOOKUP_BATCH);
+    while decoded.recv_many(&mut pending, LOOKUP_BATCH).await > 0 {
+        let until = tokio::time::Instant::now() + linger;
+        while pending.len() < LOOKUP_BATCH {
+            let room = LOOKUP_BATCH - pending.len();
+            match tokio::time::timeout_at(until, decoded.recv_many(&mut pending, room)).await {
+                Ok(n) if n > 0 => {}
+                // Closed, or lingered long enough.
+                _ => break,
+            }
         }
-        let ids: Vec<String> = decoded
+        let ids: Vec<String> = pending
             .iter()
             .map(|(_, o)| o.order.order_id.clone())
             .collect();
@@ -353,7 +389,7 @@ async fn decode_loop(
                 payload,
                 digest,
             },
-        ) in decoded.drain(..)
+        ) in pending.drain(..)
         {
             match stored.get(&order.order_id) {
                 None => {}
@@ -438,8 +474,14 @@ async fn stage<I, F, Fut>(
 {
     let slots = Arc::new(Semaphore::new(concurrency));
     let tasks = TaskTracker::new();
-    let in_flight = ctx.metrics.stage_in_flight.with_label_values(&[name.as_str()]);
-    let duration = ctx.metrics.stage_duration.with_label_values(&[name.as_str()]);
+    let in_flight = ctx
+        .metrics
+        .stage_in_flight
+        .with_label_values(&[name.as_str()]);
+    let duration = ctx
+        .metrics
+        .stage_duration
+        .with_label_values(&[name.as_str()]);
     // The stage is what an outage stops, so it is also what reports one.
     ctx.health.watch(breaker.clone());
     loop {

@@ -18,8 +18,8 @@ use super::offsets::TopicPartition;
 use super::rebalance::{finish_revoke, Revoke};
 use super::{tpl_of, KafkaSource};
 use crate::downstream::retry::FullJitter;
-use crate::source::{AckToken, DeadLetter, Position, Settlement, TokenKind};
 use crate::outcome::Outcome;
+use crate::source::{AckToken, DeadLetter, Position, Settlement, TokenKind};
 
 /// Bounds of the jittered wait between refused final commits.
 const FINAL_COMMIT_RETRY_INITIAL: Duration = Duration::from_millis(100);

@@ -13,8 +13,8 @@ use super::acks::AmqpAckRuns;
 use super::dead_letter::publish_dead_letter;
 use super::session::Session;
 use crate::config::RabbitConfig;
-use crate::source::{AckToken, DeadLetter, Settlement, TokenKind};
 use crate::outcome::Outcome;
+use crate::source::{AckToken, DeadLetter, Settlement, TokenKind};
 use crate::telemetry::Metrics;
 
 /// A dead-letter publish in progress: the letter, the session it was
