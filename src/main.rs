@@ -289,6 +289,7 @@ fn main() -> ExitCode {
 
 /// The daemon; its exit code says how the drain went.
 async fn run(config: Config) -> anyhow::Result<u8> {
+    abort_on_panic();
     let stop = conveyor::shutdown::install()?;
     let report = conveyor::run(config, stop.cancelled_owned()).await?;
     if !report.drained {
@@ -298,6 +299,32 @@ async fn run(config: Config) -> anyhow::Result<u8> {
         );
     }
     Ok(report.exit_code())
+}
+
+/// A panic anywhere in the daemon ends the process. Left to itself, a
+/// panicking task of a stage would die alone and keep its delivery
+/// unacknowledged for as long as the process lives — a queue or partition
+/// blocked without a word. Aborting hands the message back to the broker
+/// and the restart to the supervisor, and the delivery count
+/// (`source.max_deliveries`) dead-letters a message that panics every time.
+fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(panic = %message, location = %location,
+            "panic: aborting; unacknowledged messages go back to the broker");
+        default(info);
+        std::process::abort();
+    }));
 }
 
 async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {

@@ -21,6 +21,7 @@
 //! stage finishes what it holds and drops its own output, and the close
 //! travels down to the writers; the last settlement sender goes with them.
 
+mod attempts;
 mod batch;
 
 use std::future::Future;
@@ -305,6 +306,8 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
 const DECODE_BATCH: usize = 128;
 
 /// Decodes each delivery; poison goes to the dead-letter destination.
+/// First of all, a delivery over `source.max_deliveries` is dead-lettered
+/// (see `attempts`).
 /// Before any downstream call, every decoded order is looked up in the store:
 /// an `order_id` stored with the same payload digest (a redelivery, a
 /// producer's resend) is acknowledged without calling anyone again; one
@@ -320,8 +323,11 @@ async fn decode_loop(
     let max = ctx.config.source.max_message_bytes;
     let mut waiting = Vec::with_capacity(DECODE_BATCH);
     let mut decoded: Vec<(Delivery, Decoded)> = Vec::with_capacity(DECODE_BATCH);
+    // Counted redeliveries found already stored: done, so their counts go.
+    let mut settled_counted: Vec<String> = Vec::new();
     while deliveries.recv_many(&mut waiting, DECODE_BATCH).await > 0 {
-        for d in waiting.drain(..) {
+        let screened = attempts::screen(&ctx, std::mem::take(&mut waiting)).await;
+        for d in screened {
             match order::decode_canonical(&d.body, max) {
                 Ok(order) => decoded.push((d, order)),
                 Err(poison) => ctx.dead_letter(DeadLetter {
@@ -362,6 +368,7 @@ async fn decode_loop(
                     tracing::info!(order_id = %order.order_id, position = %d.position,
                         "order already stored; acknowledging");
                     ctx.metrics.orders.with_label_values(&["duplicate"]).inc();
+                    settled_counted.extend(attempts::counted_key(&d));
                     ctx.done(vec![d.token]);
                     continue;
                 }
@@ -395,6 +402,7 @@ async fn decode_loop(
                 return;
             }
         }
+        attempts::forget(&ctx, std::mem::take(&mut settled_counted)).await;
     }
 }
 

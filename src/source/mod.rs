@@ -126,6 +126,10 @@ pub struct Delivery {
     pub position: Position,
     /// The broker says it may have been handed out before.
     pub redelivered: bool,
+    /// How many times the broker has handed it out before, where the
+    /// broker counts (quorum queues' `x-delivery-count`); `None` elsewhere,
+    /// where the store keeps the count (see `pipeline::attempts`).
+    pub prior_deliveries: Option<u32>,
     /// When the daemon received it; end-to-end latency starts here unless the
     /// broker stamped the message.
     pub received_at: Instant,
@@ -146,7 +150,8 @@ pub struct DeadLetter {
     pub key: Option<Bytes>,
     pub position: Position,
     /// Stable label: a poison kind, `conflicting_duplicate`,
-    /// `retries_exhausted`, `downstream_refused`, `database`.
+    /// `redelivery_limit`, `retries_exhausted`, `downstream_refused`,
+    /// `database`.
     pub reason: String,
     /// Human-readable detail.
     pub detail: String,
