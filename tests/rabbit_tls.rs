@@ -47,7 +47,7 @@ fn matrix_line(case: &str, ok: bool, out: &str) {
     let message = out
         .lines()
         .rev()
-        .find(|l| l.contains("rror") || l.contains("TLS") || l.contains("conveyor:"))
+        .find(|l| l.contains("rabbitmq.") || l.contains("TLS") || l.contains("rror"))
         .map(str::trim)
         .unwrap_or("");
     println!(
@@ -119,6 +119,10 @@ async fn amqps_connects_with_the_right_ca_and_refuses_a_wrong_ca_host_or_missing
     let (ok, out) = produce(&with(mutual, "ca.pem")).await;
     matrix_line("no_client_cert", ok, &out);
     assert!(!ok, "a broker that wants a client certificate refuses none");
+    assert!(
+        out.contains("rabbitmq.tls.cert_file"),
+        "the error says which keys to set: {out}"
+    );
 
     let mut client = with(mutual, "ca.pem");
     client.push(("CONVEYOR__RABBITMQ__TLS__CERT_FILE", file("client.crt")));

@@ -141,8 +141,21 @@ pub async fn connect(
                 .iter()
                 .any(|w| text.contains(w))
         {
+            let client_cert = text.contains("certificaterequired")
+                || text.contains("certificate required")
+                || text.contains("unknownca")
+                || text.contains("badcertificate");
             RabbitError::Tls {
                 hint: match &cfg.tls.ca_file {
+                    _ if client_cert => match &cfg.tls.cert_file {
+                        None => "the broker wants a client certificate: set \
+                                 rabbitmq.tls.cert_file and rabbitmq.tls.key_file"
+                            .into(),
+                        Some(f) => format!(
+                            "the broker refused the client certificate rabbitmq.tls.cert_file ({})",
+                            f.display()
+                        ),
+                    },
                     Some(f) => format!(
                         "does the broker's certificate chain to rabbitmq.tls.ca_file ({}) \
                          and name the host of rabbitmq.url?",
