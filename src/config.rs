@@ -1678,6 +1678,46 @@ mod tests {
     }
 
     #[test]
+    fn quorum_and_tls_keys_are_checked_with_their_names() {
+        let mut c = Config::default();
+        c.rabbitmq.queue_type = QueueType::Quorum;
+        c.rabbitmq.delivery_limit = 3;
+        c.source.max_deliveries = 5;
+        let err = c
+            .validate()
+            .expect_err("the broker would act first")
+            .to_string();
+        assert!(err.contains("rabbitmq.delivery_limit"), "{err}");
+        c.rabbitmq.delivery_limit = 5;
+        c.validate().expect("a limit at max_deliveries is fine");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").expect("write");
+        c.rabbitmq.tls.ca_file = Some(ca.clone());
+        let err = c.validate().expect_err("TLS keys need amqps").to_string();
+        assert!(
+            err.contains("rabbitmq.tls.ca_file") && err.contains("amqps"),
+            "{err}"
+        );
+        c.rabbitmq.url = "amqps://broker.example:5671/%2f".into();
+        c.validate().expect("amqps with a CA file");
+        c.rabbitmq.tls.cert_file = Some(ca);
+        let err = c
+            .validate()
+            .expect_err("a certificate needs its key")
+            .to_string();
+        assert!(err.contains("rabbitmq.tls.key_file"), "{err}");
+        c.rabbitmq.tls.key_file = Some(dir.path().join("missing.key"));
+        let err = c.validate().expect_err("an unreadable key").to_string();
+        assert!(err.contains("rabbitmq.tls.key_file: cannot read"), "{err}");
+
+        c.source.max_deliveries = 1001;
+        let err = c.validate().expect_err("out of range").to_string();
+        assert!(err.contains("source.max_deliveries"), "{err}");
+    }
+
+    #[test]
     fn shipped_example_matches_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/conveyor.toml");
         let cfg = Config::load_with_env(Some(&path), Some(HashMap::new())).expect("loads");

@@ -143,9 +143,17 @@ async fn a_message_that_keeps_killing_the_daemon_is_dead_lettered_on_kafka() {
     assert_eq!(env.rows().await, GOOD);
     let ledger = env.sim.ledger();
     assert_eq!(ledger.double_charged_orders, 0);
-    assert_eq!(charge_requests(), u64::from(max), "charged once per delivery that got that far");
     assert_eq!(
-        ledger.charges.iter().filter(|c| c.order_id == hung_id).count(),
+        charge_requests(),
+        u64::from(max),
+        "charged once per delivery that got that far"
+    );
+    assert_eq!(
+        ledger
+            .charges
+            .iter()
+            .filter(|c| c.order_id == hung_id)
+            .count(),
         1,
         "one charge"
     );

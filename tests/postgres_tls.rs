@@ -212,13 +212,18 @@ async fn postgres_sslmode_up_to_verify_full_connects_and_a_wrong_ca_or_host_is_r
     let port = server.port;
     let ca = pki.path("ca.pem").display().to_string();
     let other = pki.path("other-ca.pem").display().to_string();
-    let url = |host: &str, query: &str| format!("postgres://postgres@{host}:{port}/postgres?{query}");
+    let url =
+        |host: &str, query: &str| format!("postgres://postgres@{host}:{port}/postgres?{query}");
 
     let (ok, out) = migrate(&url("127.0.0.1", "sslmode=require")).await;
     matrix_line("require", ok, &out);
     assert!(ok, "sslmode=require connects: {out}");
 
-    let (ok, out) = migrate(&url("localhost", &format!("sslmode=verify-full&sslrootcert={ca}"))).await;
+    let (ok, out) = migrate(&url(
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    ))
+    .await;
     matrix_line("verify_full_good_ca", ok, &out);
     assert!(ok, "verify-full with the right CA connects: {out}");
 
@@ -228,7 +233,10 @@ async fn postgres_sslmode_up_to_verify_full_connects_and_a_wrong_ca_or_host_is_r
     ))
     .await;
     matrix_line("verify_full_wrong_ca", ok, &out);
-    assert!(!ok, "a CA that did not sign the server's certificate is refused");
+    assert!(
+        !ok,
+        "a CA that did not sign the server's certificate is refused"
+    );
     assert!(
         out.contains("sslrootcert") && out.contains(&other),
         "the error names the key and the file: {out}"
@@ -242,7 +250,11 @@ async fn postgres_sslmode_up_to_verify_full_connects_and_a_wrong_ca_or_host_is_r
     .await;
     matrix_line("verify_full_wrong_host", ok, &out);
     assert!(!ok, "verify-full refuses a certificate for another host");
-    let (ok, out) = migrate(&url("localhost", &format!("sslmode=verify-ca&sslrootcert={ca}"))).await;
+    let (ok, out) = migrate(&url(
+        "localhost",
+        &format!("sslmode=verify-ca&sslrootcert={ca}"),
+    ))
+    .await;
     matrix_line("verify_ca_good_ca", ok, &out);
     assert!(ok, "verify-ca with the right CA connects: {out}");
     // libpq's verify-ca skips the host name check; sqlx 0.8.6 with rustls
@@ -265,6 +277,9 @@ async fn postgres_sslmode_up_to_verify_full_connects_and_a_wrong_ca_or_host_is_r
     matrix_line("disable", ok, &out);
     assert!(!ok, "the server refuses plaintext");
     assert!(out.contains("no encryption"), "{out}");
-    println!("postgres TLS matrix in {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "postgres TLS matrix in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     drop(server);
 }

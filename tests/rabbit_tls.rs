@@ -102,7 +102,10 @@ async fn amqps_connects_with_the_right_ca_and_refuses_a_wrong_ca_host_or_missing
 
     let (ok, out) = produce(&with(tls, "other-ca.pem")).await;
     matrix_line("wrong_ca", ok, &out);
-    assert!(!ok, "a CA that did not sign the broker's certificate is refused");
+    assert!(
+        !ok,
+        "a CA that did not sign the broker's certificate is refused"
+    );
     assert!(
         out.contains("rabbitmq.tls.ca_file") && out.contains("UnknownIssuer"),
         "the error names the key and says why: {out}"

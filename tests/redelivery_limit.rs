@@ -176,9 +176,11 @@ async fn crash_loop_is_contained(queue_type: QueueType) {
         || async { env.ready(&format!("{}.dlq", env.queue)).await == 1 },
     )
     .await;
-    wait_for("the queue empty and acked", Duration::from_secs(15), || async {
-        env.ready(&env.queue).await == 0 && unacked(&env.queue).await == 0
-    })
+    wait_for(
+        "the queue empty and acked",
+        Duration::from_secs(15),
+        || async { env.ready(&env.queue).await == 0 && unacked(&env.queue).await == 0 },
+    )
     .await;
     daemon.signal(Signal::SIGTERM);
     let (code, _) = daemon.wait(Duration::from_secs(20)).await;
@@ -200,7 +202,10 @@ async fn crash_loop_is_contained(queue_type: QueueType) {
     assert_eq!(body, &order(&hung_id, "hang-forever"));
     assert_eq!(env.rows().await, GOOD, "every good order stored once");
     let ledger = env.sim.ledger();
-    assert_eq!(ledger.double_charged_orders, 0, "an order was charged twice");
+    assert_eq!(
+        ledger.double_charged_orders, 0,
+        "an order was charged twice"
+    );
     let hung: Vec<_> = ledger
         .charges
         .iter()

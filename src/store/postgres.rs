@@ -38,8 +38,8 @@ pub fn tls_hint(url: &str, error: &str) -> String {
     let e = error.to_ascii_lowercase();
     if super::is_sqlite_url(url)
         || !["certificate", "tls", "ssl", "handshake", "issuer"]
-        .iter()
-        .any(|w| e.contains(w))
+            .iter()
+            .any(|w| e.contains(w))
     {
         return String::new();
     }
@@ -205,7 +205,10 @@ impl PgStore {
             .map_err(StoreError::classify)
     }
 
-    pub async fn prune_deliveries(&self, older_than: std::time::Duration) -> Result<u64, StoreError> {
+    pub async fn prune_deliveries(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<u64, StoreError> {
         let secs = older_than.as_secs_f64();
         sqlx::query(
             "DELETE FROM delivery_attempts WHERE last_at < now() - make_interval(secs => $1)",

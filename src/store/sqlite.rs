@@ -192,7 +192,10 @@ impl SqliteStore {
         .map_err(StoreError::classify_sqlite)
     }
 
-    pub async fn prune_deliveries(&self, older_than: std::time::Duration) -> Result<u64, StoreError> {
+    pub async fn prune_deliveries(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<u64, StoreError> {
         let cutoff = chrono::Utc::now()
             - chrono::Duration::from_std(older_than).unwrap_or(chrono::Duration::days(7));
         sqlx::query("DELETE FROM delivery_attempts WHERE last_at < ?1")
@@ -278,6 +281,53 @@ mod tests {
             .expect("stored")
             .is_empty());
         store.ping().await.expect("ping");
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn deliveries_are_counted_per_key_forgotten_and_pruned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = fresh_store(&dir).await;
+        let keys = |ks: &[&str]| ks.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        let first = store
+            .count_deliveries(&keys(&["a", "b"]))
+            .await
+            .expect("count");
+        assert_eq!((first["a"], first["b"]), (1, 1));
+        let second = store.count_deliveries(&keys(&["a"])).await.expect("count");
+        assert_eq!(second["a"], 2);
+        store
+            .forget_deliveries(&keys(&["a"]))
+            .await
+            .expect("forget");
+        let again = store
+            .count_deliveries(&keys(&["a", "b"]))
+            .await
+            .expect("count");
+        assert_eq!(
+            (again["a"], again["b"]),
+            (1, 2),
+            "a forgotten count starts over"
+        );
+        assert_eq!(
+            store
+                .prune_deliveries(Duration::from_secs(3600))
+                .await
+                .expect("prune"),
+            0,
+            "recent counts are kept"
+        );
+        sqlx::query("UPDATE delivery_attempts SET last_at = '2000-01-01T00:00:00.000Z'")
+            .execute(store.pool())
+            .await
+            .expect("age the rows");
+        assert_eq!(
+            store
+                .prune_deliveries(Duration::from_secs(3600))
+                .await
+                .expect("prune"),
+            2
+        );
         store.close().await;
     }
 

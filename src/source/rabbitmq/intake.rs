@@ -217,3 +217,20 @@ async fn consume_session(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_delivery_count_is_read_from_any_integer_type() {
+        assert_eq!(delivery_count(&AMQPValue::LongLongInt(3)), Some(3));
+        assert_eq!(delivery_count(&AMQPValue::LongInt(2)), Some(2));
+        assert_eq!(delivery_count(&AMQPValue::LongLongInt(-1)), Some(0));
+        assert_eq!(
+            delivery_count(&AMQPValue::LongString("3".into())),
+            None,
+            "not a number"
+        );
+    }
+}

@@ -197,8 +197,14 @@ pub fn queue_arguments(cfg: &RabbitConfig) -> Result<FieldTable, RabbitError> {
             ShortString::from("x-dead-letter-exchange"),
             text(&cfg.dead_letter_exchange),
         );
-        args.insert(ShortString::from("x-dead-letter-routing-key"), text(&cfg.queue));
-        args.insert(ShortString::from("x-dead-letter-strategy"), text("at-least-once"));
+        args.insert(
+            ShortString::from("x-dead-letter-routing-key"),
+            text(&cfg.queue),
+        );
+        args.insert(
+            ShortString::from("x-dead-letter-strategy"),
+            text("at-least-once"),
+        );
         args.insert(ShortString::from("x-overflow"), text("reject-publish"));
     } else {
         // Straight to the dead-letter queue through the default exchange.
