@@ -84,8 +84,7 @@ async fn a_quorum_queue_is_declared_with_its_limit_and_the_broker_dead_letters_p
     // A classic declaration of the same queue is refused, naming the key.
     let err = conveyor::produce::connect_rabbit(&rabbit(&env, QueueType::Classic))
         .await
-        .err()
-        .expect("a classic declare of a quorum queue fails");
+        .expect_err("a classic declare of a quorum queue fails");
     assert!(
         format!("{err:#}").contains("rabbitmq.queue_type"),
         "the error names the key: {err:#}"
