@@ -301,15 +301,20 @@ async fn run(config: Config) -> anyhow::Result<u8> {
     Ok(report.exit_code())
 }
 
-/// A panic anywhere in the daemon ends the process. Left to itself, a
-/// panicking task of a stage would die alone and keep its delivery
-/// unacknowledged for as long as the process lives — a queue or partition
-/// blocked without a word. Aborting hands the message back to the broker
-/// and the restart to the supervisor, and the delivery count
-/// (`source.max_deliveries`) dead-letters a message that panics every time.
+/// A panic in a validate or charge worker is contained by the stage (the
+/// order is dead-lettered as `internal_error`); any other panic ends the
+/// process. Left to itself, a panicking task would die alone and keep what
+/// it held unacknowledged for as long as the process lives — a queue or
+/// partition blocked without a word. Aborting hands the messages back to
+/// the broker and the restart to the supervisor, and the delivery count
+/// (`source.max_deliveries`) dead-letters a message that does it every time.
 fn abort_on_panic() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        if conveyor::pipeline::panic_is_contained() {
+            // The stage logs it with the order's id and dead-letters it.
+            return;
+        }
         let location = info
             .location()
             .map(|l| format!("{}:{}", l.file(), l.line()))

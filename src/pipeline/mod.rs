@@ -23,6 +23,10 @@
 
 mod attempts;
 mod batch;
+mod contain;
+
+pub use contain::panic_is_contained;
+use contain::TokenSlot;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -69,7 +73,9 @@ struct InFlight {
     timestamp_ms: Option<i64>,
     /// W3C trace context from the message, forwarded to both downstreams.
     traceparent: Option<String>,
-    token: AckToken,
+    /// Taken by whoever settles the order, or by its stage if the work on
+    /// it panicked (see `contain`).
+    token: TokenSlot,
 }
 
 /// An order whose outcome is known and waits for its batch to commit.
@@ -105,7 +111,13 @@ impl Origin {
 }
 
 impl InFlight {
-    fn finish(self, status: Status, charge_id: Option<String>, reasons: Vec<String>) -> Finished {
+    /// `None` only if the token was taken already (never, outside a panic).
+    fn finish(
+        self,
+        status: Status,
+        charge_id: Option<String>,
+        reasons: Vec<String>,
+    ) -> Option<Finished> {
         let Self {
             order,
             payload,
@@ -119,7 +131,8 @@ impl InFlight {
             traceparent: _,
             token,
         } = self;
-        Finished {
+        let token = token.take()?;
+        Some(Finished {
             record: Record {
                 order_id: order.order_id,
                 status,
@@ -141,9 +154,55 @@ impl InFlight {
                 Some(ms) => Origin::Timestamp(ms),
                 None => Origin::Received(received_at),
             },
+        })
+    }
+
+    /// What the stage keeps to dead-letter this order if its work panics.
+    fn salvage(&self) -> Salvage {
+        Salvage {
+            token: self.token.clone(),
+            body: self.raw.clone(),
+            key: self.key.clone(),
+            position: self.position.clone(),
+            order_id: self.order.order_id.clone(),
         }
     }
 }
+
+/// An order's dead letter in waiting, held by its stage while it works.
+struct Salvage {
+    token: TokenSlot,
+    body: Bytes,
+    key: Option<Bytes>,
+    position: Position,
+    order_id: String,
+}
+
+impl Salvage {
+    /// The work panicked: dead-letter the order as `internal_error`, unless
+    /// it was settled before the panic.
+    fn dead_letter(self, ctx: &Context, stage: &'static str, panic: String) {
+        let Some(token) = self.token.take() else {
+            return;
+        };
+        tracing::error!(order_id = %self.order_id, position = %self.position, stage,
+            panic = %panic, "a stage panicked on this order; dead-lettering it");
+        ctx.dead_letter(DeadLetter {
+            token,
+            body: self.body,
+            key: self.key,
+            position: self.position,
+            reason: INTERNAL_ERROR.into(),
+            detail: format!("the {stage} stage panicked: {panic}"),
+            stage,
+            order_id: Some(self.order_id),
+            extra_headers: Vec::new(),
+        });
+    }
+}
+
+/// The reason of an order whose stage panicked on it.
+pub const INTERNAL_ERROR: &str = "internal_error";
 
 impl Context {
     pub(crate) fn dead_letter(&self, dl: DeadLetter) {
@@ -163,12 +222,15 @@ impl Context {
     }
 
     fn give_up(&self, it: InFlight, stage: &'static str, err: RetryError) {
+        let Some(token) = it.token.take() else {
+            return;
+        };
         let reason = match &err {
             RetryError::Exhausted { .. } => "retries_exhausted",
             RetryError::Permanent(_) => "downstream_refused",
         };
         self.dead_letter(DeadLetter {
-            token: it.token,
+            token,
             body: it.raw,
             key: it.key,
             position: it.position,
@@ -249,9 +311,9 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
                             let _ = charge_tx.send(it).await;
                         }
                         Ok(v) => {
-                            let _ = finished_tx
-                                .send(it.finish(Status::Rejected, None, v.reasons))
-                                .await;
+                            if let Some(f) = it.finish(Status::Rejected, None, v.reasons) {
+                                let _ = finished_tx.send(f).await;
+                            }
                         }
                         Err(e) => ctx.give_up(it, "validate", e),
                     }
@@ -285,9 +347,9 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
                                     vec![c.reason.unwrap_or_else(|| "declined".into())],
                                 ),
                             };
-                            let _ = finished_tx
-                                .send(it.finish(status, Some(c.charge_id), reasons))
-                                .await;
+                            if let Some(f) = it.finish(status, Some(c.charge_id), reasons) {
+                                let _ = finished_tx.send(f).await;
+                            }
                         }
                         Err(e) => ctx.give_up(it, "charge", e),
                     }
@@ -396,7 +458,7 @@ async fn decode_loop(
                 received_wall: Utc::now(),
                 timestamp_ms: d.timestamp_ms,
                 traceparent: d.traceparent,
-                token: d.token,
+                token: TokenSlot::new(d.token),
             };
             if validate.send(it).await.is_err() {
                 return;
@@ -431,16 +493,15 @@ async fn lookup(ctx: &Context, ids: &[String]) -> StoredDigests {
 /// once, and no item is taken from `input` until a worker is free and the
 /// downstream's circuit lets calls through, so a slow or failing stage
 /// pushes back on the one before it.
-async fn stage<I, F, Fut>(
+async fn stage<F, Fut>(
     ctx: Arc<Context>,
     name: &'static str,
     concurrency: usize,
     breaker: Arc<CircuitBreaker>,
-    mut input: mpsc::Receiver<I>,
+    mut input: mpsc::Receiver<InFlight>,
     work: F,
 ) where
-    I: Send + 'static,
-    F: Fn(I) -> Fut + Send + Sync + 'static,
+    F: Fn(InFlight) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(concurrency));
@@ -461,13 +522,17 @@ async fn stage<I, F, Fut>(
         let Some(item) = input.recv().await else {
             break;
         };
+        let salvage = item.salvage();
         let fut = work(item);
         let in_flight = in_flight.clone();
         let duration = duration.clone();
+        let ctx = ctx.clone();
         in_flight.inc();
         tasks.spawn(async move {
             let started = Instant::now();
-            fut.await;
+            if let Err(panic) = contain::contain(fut).await {
+                salvage.dead_letter(&ctx, name, panic);
+            }
             duration.observe(started.elapsed().as_secs_f64());
             in_flight.dec();
             drop(slot);

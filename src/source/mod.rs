@@ -150,8 +150,8 @@ pub struct DeadLetter {
     pub key: Option<Bytes>,
     pub position: Position,
     /// Stable label: a poison kind, `conflicting_duplicate`,
-    /// `redelivery_limit`, `retries_exhausted`, `downstream_refused`,
-    /// `database`.
+    /// `redelivery_limit`, `internal_error`, `retries_exhausted`,
+    /// `downstream_refused`, `database`.
     pub reason: String,
     /// Human-readable detail.
     pub detail: String,
