@@ -6,15 +6,13 @@
 //! past `source.max_deliveries` the message is dead-lettered as
 //! `redelivery_limit` and the partition moves on. The orders after it,
 //! finished by an earlier run and seen again after each crash, are not
-//! dead-lettered with it. On the mock cluster (the store-side count does
-//! not depend on the broker, and each restart costs a group join, which
-//! tansu makes several seconds longer).
+//! dead-lettered with it. On the mock cluster and on tansu.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Daemon, Env, KafkaBroker};
+use common::{wait_for, Backend, Daemon, Env, KafkaBroker};
 use conveyor::sim::Knobs;
 use nix::sys::signal::Signal;
 use rdkafka::config::ClientConfig;
@@ -66,12 +64,12 @@ fn dead_letters(brokers: &str, topic: &str) -> Vec<(String, String)> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_that_keeps_killing_the_daemon_is_dead_lettered_on_kafka() {
+on_both_brokers! {
+async fn a_message_that_keeps_killing_the_daemon_is_dead_lettered_on_kafka(backend: Backend) {
     const GOOD: i64 = 10;
     let max = 2u32;
     let env = Env::new("crashkafka", Knobs::default()).await;
-    let broker = KafkaBroker::start(common::Backend::Mock).await;
+    let broker = KafkaBroker::start(backend).await;
     let topic = format!("{}-orders", env.name);
     let dlq = format!("{topic}.dlq");
     broker.create_topic(&topic, 1).await;
@@ -110,7 +108,7 @@ async fn a_message_that_keeps_killing_the_daemon_is_dead_lettered_on_kafka() {
         let mut daemon = Daemon::start(&env, &vars).await;
         wait_for(
             "the good orders stored and the hung charge requested",
-            Duration::from_secs(40),
+            Duration::from_secs(60),
             || async { env.rows().await == GOOD && charge_requests() >= u64::from(delivery) },
         )
         .await;
@@ -120,7 +118,7 @@ async fn a_message_that_keeps_killing_the_daemon_is_dead_lettered_on_kafka() {
     let mut daemon = Daemon::start(&env, &vars).await;
     wait_for(
         "the partition committed to its end",
-        Duration::from_secs(40),
+        Duration::from_secs(60),
         || async {
             let offsets = broker.committed_and_end(&group, &topic, 1).await;
             offsets.len() == 1 && offsets[0].0 == offsets[0].1
@@ -159,4 +157,5 @@ async fn a_message_that_keeps_killing_the_daemon_is_dead_lettered_on_kafka() {
     );
     let _ = std::fs::remove_file(&config);
     env.cleanup().await;
+}
 }
