@@ -19,7 +19,10 @@ use std::task::{Context as TaskContext, Poll};
 
 use futures::FutureExt as _;
 
-use crate::source::AckToken;
+use bytes::Bytes;
+
+use super::{Context, InFlight};
+use crate::source::{AckToken, DeadLetter, Position};
 
 thread_local! {
     static CONTAINED: Cell<u32> = const { Cell::new(0) };
@@ -82,6 +85,54 @@ impl TokenSlot {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
+
+impl InFlight {
+    /// What the stage keeps to dead-letter this order if its work panics.
+    pub(super) fn salvage(&self) -> Salvage {
+        Salvage {
+            token: self.token.clone(),
+            body: self.raw.clone(),
+            key: self.key.clone(),
+            position: self.position.clone(),
+            order_id: self.order.order_id.clone(),
+        }
+    }
+}
+
+/// An order's dead letter in waiting, held by its stage while it works.
+pub(super) struct Salvage {
+    token: TokenSlot,
+    body: Bytes,
+    key: Option<Bytes>,
+    position: Position,
+    order_id: String,
+}
+
+impl Salvage {
+    /// The work panicked: dead-letter the order as `internal_error`, unless
+    /// it was settled before the panic.
+    pub(super) fn dead_letter(self, ctx: &Context, stage: &'static str, panic: String) {
+        let Some(token) = self.token.take() else {
+            return;
+        };
+        tracing::error!(order_id = %self.order_id, position = %self.position, stage,
+            panic = %panic, "a stage panicked on this order; dead-lettering it");
+        ctx.dead_letter(DeadLetter {
+            token,
+            body: self.body,
+            key: self.key,
+            position: self.position,
+            reason: INTERNAL_ERROR.into(),
+            detail: format!("the {stage} stage panicked: {panic}"),
+            stage,
+            order_id: Some(self.order_id),
+            extra_headers: Vec::new(),
+        });
+    }
+}
+
+/// The reason of an order whose stage panicked on it.
+pub const INTERNAL_ERROR: &str = "internal_error";
 
 #[cfg(test)]
 mod tests {

@@ -25,8 +25,8 @@ mod attempts;
 mod batch;
 mod contain;
 
-pub use contain::panic_is_contained;
 use contain::TokenSlot;
+pub use contain::{panic_is_contained, INTERNAL_ERROR};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -156,53 +156,7 @@ impl InFlight {
             },
         })
     }
-
-    /// What the stage keeps to dead-letter this order if its work panics.
-    fn salvage(&self) -> Salvage {
-        Salvage {
-            token: self.token.clone(),
-            body: self.raw.clone(),
-            key: self.key.clone(),
-            position: self.position.clone(),
-            order_id: self.order.order_id.clone(),
-        }
-    }
 }
-
-/// An order's dead letter in waiting, held by its stage while it works.
-struct Salvage {
-    token: TokenSlot,
-    body: Bytes,
-    key: Option<Bytes>,
-    position: Position,
-    order_id: String,
-}
-
-impl Salvage {
-    /// The work panicked: dead-letter the order as `internal_error`, unless
-    /// it was settled before the panic.
-    fn dead_letter(self, ctx: &Context, stage: &'static str, panic: String) {
-        let Some(token) = self.token.take() else {
-            return;
-        };
-        tracing::error!(order_id = %self.order_id, position = %self.position, stage,
-            panic = %panic, "a stage panicked on this order; dead-lettering it");
-        ctx.dead_letter(DeadLetter {
-            token,
-            body: self.body,
-            key: self.key,
-            position: self.position,
-            reason: INTERNAL_ERROR.into(),
-            detail: format!("the {stage} stage panicked: {panic}"),
-            stage,
-            order_id: Some(self.order_id),
-            extra_headers: Vec::new(),
-        });
-    }
-}
-
-/// The reason of an order whose stage panicked on it.
-pub const INTERNAL_ERROR: &str = "internal_error";
 
 impl Context {
     pub(crate) fn dead_letter(&self, dl: DeadLetter) {
