@@ -49,6 +49,12 @@ pub struct SourceConfig {
     pub prefetch: u32,
     /// Larger messages are dead-lettered as `too_large` without being parsed.
     pub max_message_bytes: usize,
+    /// A message delivered more often than this (it keeps killing the
+    /// process, or keeps being cut off mid-work) is dead-lettered as
+    /// `redelivery_limit` before any work is done. Counted by the broker on
+    /// quorum queues (`x-delivery-count`), otherwise by a small record in
+    /// the store written before the work. 0 turns counting off.
+    pub max_deliveries: u32,
 }
 
 impl Default for SourceConfig {
@@ -57,6 +63,7 @@ impl Default for SourceConfig {
             kind: SourceKind::Rabbitmq,
             prefetch: 512,
             max_message_bytes: 64 * 1024,
+            max_deliveries: 5,
         }
     }
 }
@@ -85,6 +92,39 @@ pub struct RabbitConfig {
     pub declare: bool,
     /// Consumer tag announced to the broker.
     pub consumer_tag: String,
+    /// `classic` (the default) or `quorum`: the type the queue is declared
+    /// with. A quorum queue is declared with `x-queue-type=quorum`,
+    /// `x-delivery-limit` and the dead-letter exchange, so that the broker
+    /// counts deliveries (`x-delivery-count`) and dead-letters a message
+    /// returned more than `delivery_limit` times instead of dropping it.
+    pub queue_type: QueueType,
+    /// Quorum queues: `x-delivery-limit`, the broker's own backstop. Keep it
+    /// at or above `source.max_deliveries`, so that the daemon dead-letters
+    /// first, with its reason headers.
+    pub delivery_limit: u32,
+    /// TLS for `amqps://` URLs.
+    pub tls: RabbitTls,
+}
+
+/// How the work queue is declared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+/// TLS for `rabbitmq.url = "amqps://…"` (rustls): the CA that the
+/// broker's certificate must chain to, and a client certificate for
+/// brokers that authenticate clients by TLS.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RabbitTls {
+    /// PEM file of the CA(s) trusted beside the system's store.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) and its PKCS#8 key (PEM), both or neither.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for RabbitConfig {
@@ -99,6 +139,9 @@ impl Default for RabbitConfig {
             dead_letter_queue: String::new(),
             declare: true,
             consumer_tag: "conveyor".into(),
+            queue_type: QueueType::Classic,
+            delivery_limit: 20,
+            tls: RabbitTls::default(),
         }
     }
 }
@@ -116,6 +159,9 @@ impl fmt::Debug for RabbitConfig {
             dead_letter_queue,
             declare,
             consumer_tag,
+            queue_type,
+            delivery_limit,
+            tls,
         } = self;
         f.debug_struct("RabbitConfig")
             .field("url", &redact_url(url))
@@ -127,7 +173,63 @@ impl fmt::Debug for RabbitConfig {
             .field("dead_letter_queue", dead_letter_queue)
             .field("declare", declare)
             .field("consumer_tag", consumer_tag)
+            .field("queue_type", queue_type)
+            .field("delivery_limit", delivery_limit)
+            .field("tls", tls)
             .finish()
+    }
+}
+
+impl RabbitTls {
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
+
+    /// What is wrong with these keys for `url`, each naming its key: a
+    /// file that cannot be read or holds no PEM, a certificate without its
+    /// key, TLS keys on a plaintext URL.
+    pub fn problems(&self, url: &str) -> Vec<KeyError> {
+        let mut out = Vec::new();
+        let mut bad = |key: &str, message: String| {
+            out.push(KeyError {
+                key: format!("rabbitmq.tls.{key}"),
+                message,
+            })
+        };
+        if self.is_set() && !url.starts_with("amqps://") {
+            bad(
+                if self.ca_file.is_some() {
+                    "ca_file"
+                } else {
+                    "cert_file"
+                },
+                "is set but rabbitmq.url is not amqps://".into(),
+            );
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            bad(
+                if self.cert_file.is_some() {
+                    "key_file"
+                } else {
+                    "cert_file"
+                },
+                "cert_file and key_file go together".into(),
+            );
+        }
+        for (key, file) in [
+            ("ca_file", &self.ca_file),
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+        ] {
+            if let Some(f) = file {
+                match std::fs::read_to_string(f) {
+                    Ok(text) if text.contains("-----BEGIN ") => {}
+                    Ok(_) => bad(key, format!("{} holds no PEM block", f.display())),
+                    Err(e) => bad(key, format!("cannot read {}: {e}", f.display())),
+                }
+            }
+        }
+        out
     }
 }
 
@@ -1099,6 +1201,36 @@ impl Config {
         if let Err(e) = check_rabbitmq_url(&self.rabbitmq.url) {
             check(false, "rabbitmq.url", e);
         }
+        check(
+            self.source.max_deliveries <= 1000,
+            "source.max_deliveries",
+            format!(
+                "must be in 0..=1000 (0: off), got {}",
+                self.source.max_deliveries
+            ),
+        );
+        if self.rabbitmq.queue_type == QueueType::Quorum {
+            check(
+                (1..=1_000_000).contains(&self.rabbitmq.delivery_limit),
+                "rabbitmq.delivery_limit",
+                format!(
+                    "must be in 1..=1000000, got {}",
+                    self.rabbitmq.delivery_limit
+                ),
+            );
+            check(
+                self.rabbitmq.delivery_limit >= self.source.max_deliveries,
+                "rabbitmq.delivery_limit",
+                format!(
+                    "must be at least source.max_deliveries ({}), got {}: the broker \
+                     would dead-letter first, without conveyor's reason headers",
+                    self.source.max_deliveries, self.rabbitmq.delivery_limit
+                ),
+            );
+        }
+        for e in self.rabbitmq.tls.problems(&self.rabbitmq.url) {
+            check(false, &e.key, e.message);
+        }
         if let Err(e) = check_database_url(&self.database.url) {
             check(false, "database.url", e);
         }
@@ -1543,6 +1675,46 @@ mod tests {
             err.to_string().contains("kafka.security.sasl_mechanism"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn quorum_and_tls_keys_are_checked_with_their_names() {
+        let mut c = Config::default();
+        c.rabbitmq.queue_type = QueueType::Quorum;
+        c.rabbitmq.delivery_limit = 3;
+        c.source.max_deliveries = 5;
+        let err = c
+            .validate()
+            .expect_err("the broker would act first")
+            .to_string();
+        assert!(err.contains("rabbitmq.delivery_limit"), "{err}");
+        c.rabbitmq.delivery_limit = 5;
+        c.validate().expect("a limit at max_deliveries is fine");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").expect("write");
+        c.rabbitmq.tls.ca_file = Some(ca.clone());
+        let err = c.validate().expect_err("TLS keys need amqps").to_string();
+        assert!(
+            err.contains("rabbitmq.tls.ca_file") && err.contains("amqps"),
+            "{err}"
+        );
+        c.rabbitmq.url = "amqps://broker.example:5671/%2f".into();
+        c.validate().expect("amqps with a CA file");
+        c.rabbitmq.tls.cert_file = Some(ca);
+        let err = c
+            .validate()
+            .expect_err("a certificate needs its key")
+            .to_string();
+        assert!(err.contains("rabbitmq.tls.key_file"), "{err}");
+        c.rabbitmq.tls.key_file = Some(dir.path().join("missing.key"));
+        let err = c.validate().expect_err("an unreadable key").to_string();
+        assert!(err.contains("rabbitmq.tls.key_file: cannot read"), "{err}");
+
+        c.source.max_deliveries = 1001;
+        let err = c.validate().expect_err("out of range").to_string();
+        assert!(err.contains("source.max_deliveries"), "{err}");
     }
 
     #[test]

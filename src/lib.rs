@@ -61,6 +61,10 @@ pub struct Report {
 /// [`shutdown::EXIT_FORCED`]) and a fatal error (1).
 pub const EXIT_DRAIN_TIMEOUT: u8 = 75;
 
+/// Delivery counts untouched for this long are dropped at start: their
+/// messages were settled long ago.
+const DELIVERY_COUNT_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
+
 impl Report {
     /// The exit code of the process this run ends: 0 after a clean drain,
     /// [`EXIT_DRAIN_TIMEOUT`] when the drain deadline cut it short.
@@ -103,11 +107,23 @@ pub async fn run_with(
     if config.database.migrate_on_start {
         store.migrate().await?;
     }
-    store
-        .ping()
-        .await
-        .with_context(|| format!("database at {}", config::redact_url(&config.database.url)))?;
+    store.ping().await.map_err(|e| {
+        let url = &config.database.url;
+        let text = e.to_string();
+        anyhow::anyhow!(
+            "database at {}: {text}{}",
+            config::redact_url(url),
+            store::postgres::tls_hint(url, &text)
+        )
+    })?;
     Health::set(&health.database_ok, true);
+    // Delivery counts of messages long settled; a failure here only leaves
+    // a few rows behind.
+    match store.prune_deliveries(DELIVERY_COUNT_KEPT).await {
+        Ok(n) if n > 0 => tracing::info!(rows = n, "pruned old delivery counts"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot prune old delivery counts"),
+    }
 
     let http_stop = CancellationToken::new();
     let (http_addr, http_task) = telemetry::serve(

@@ -289,6 +289,7 @@ fn main() -> ExitCode {
 
 /// The daemon; its exit code says how the drain went.
 async fn run(config: Config) -> anyhow::Result<u8> {
+    abort_on_panic();
     let stop = conveyor::shutdown::install()?;
     let report = conveyor::run(config, stop.cancelled_owned()).await?;
     if !report.drained {
@@ -298,6 +299,37 @@ async fn run(config: Config) -> anyhow::Result<u8> {
         );
     }
     Ok(report.exit_code())
+}
+
+/// A panic in a validate or charge worker is contained by the stage (the
+/// order is dead-lettered as `internal_error`); any other panic ends the
+/// process. Left to itself, a panicking task would die alone and keep what
+/// it held unacknowledged for as long as the process lives — a queue or
+/// partition blocked without a word. Aborting hands the messages back to
+/// the broker and the restart to the supervisor, and the delivery count
+/// (`source.max_deliveries`) dead-letters a message that does it every time.
+fn abort_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if conveyor::pipeline::panic_is_contained() {
+            // The stage logs it with the order's id and dead-letters it.
+            return;
+        }
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(panic = %message, location = %location,
+            "panic: aborting; unacknowledged messages go back to the broker");
+        default(info);
+        std::process::abort();
+    }));
 }
 
 async fn simulate(a: SimulateArgs) -> anyhow::Result<()> {

@@ -70,6 +70,9 @@ impl Stage {
 /// (`x-conveyor-reason`, `conveyor_dead_letters_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeadLetterReason {
+    /// Delivered more than `source.max_deliveries` times: it may be what
+    /// keeps the daemon from finishing its work.
+    RedeliveryLimit,
     /// The bytes are not an order the store can hold; decided at decode.
     Poison(PoisonKind),
     /// The `order_id` is stored with other contents.
@@ -80,29 +83,33 @@ pub enum DeadLetterReason {
     DownstreamRefused,
     /// The database refused the row itself.
     Database,
+    /// A stage panicked on this order.
+    InternalError,
 }
 
 impl DeadLetterReason {
-    /// Every reason, poison kinds first.
+    /// Every reason, in the order of the flow.
     pub fn all() -> impl Iterator<Item = DeadLetterReason> {
-        PoisonKind::ALL
-            .into_iter()
-            .map(DeadLetterReason::Poison)
+        std::iter::once(DeadLetterReason::RedeliveryLimit)
+            .chain(PoisonKind::ALL.into_iter().map(DeadLetterReason::Poison))
             .chain([
                 DeadLetterReason::ConflictingDuplicate,
                 DeadLetterReason::RetriesExhausted,
                 DeadLetterReason::DownstreamRefused,
                 DeadLetterReason::Database,
+                DeadLetterReason::InternalError,
             ])
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
+            DeadLetterReason::RedeliveryLimit => "redelivery_limit",
             DeadLetterReason::Poison(kind) => kind.as_str(),
             DeadLetterReason::ConflictingDuplicate => "conflicting_duplicate",
             DeadLetterReason::RetriesExhausted => "retries_exhausted",
             DeadLetterReason::DownstreamRefused => "downstream_refused",
             DeadLetterReason::Database => "database",
+            DeadLetterReason::InternalError => "internal_error",
         }
     }
 }

@@ -23,7 +23,7 @@ use rdkafka::types::RDKafkaRespErr;
 
 use crate::config::{KafkaConfig, RabbitConfig};
 use crate::source::kafka::producer_config;
-use crate::source::rabbitmq::{amqp_uri, declare_topology, TIMESTAMP_HEADER};
+use crate::source::rabbitmq::{declare_topology, TIMESTAMP_HEADER};
 
 /// What a generated message is meant to become.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,7 +157,7 @@ impl OrderGen {
 /// Connects to RabbitMQ with the configured credentials, and declares the
 /// topology when `rabbitmq.declare` is on.
 pub async fn connect_rabbit(cfg: &RabbitConfig) -> anyhow::Result<Connection> {
-    let connection = Connection::connect_uri(amqp_uri(cfg)?, ConnectionProperties::default())
+    let connection = crate::source::rabbitmq::connect(cfg, ConnectionProperties::default())
         .await
         .map_err(|e| {
             anyhow::anyhow!(

@@ -21,7 +21,12 @@
 //! stage finishes what it holds and drops its own output, and the close
 //! travels down to the writers; the last settlement sender goes with them.
 
+mod attempts;
 mod batch;
+mod contain;
+
+pub use contain::panic_is_contained;
+use contain::TokenSlot;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -69,7 +74,9 @@ struct InFlight {
     timestamp_ms: Option<i64>,
     /// W3C trace context from the message, forwarded to both downstreams.
     traceparent: Option<String>,
-    token: AckToken,
+    /// Taken by whoever settles the order, or by its stage if the work on
+    /// it panicked (see `contain`).
+    token: TokenSlot,
 }
 
 /// An order whose outcome is known and waits for its batch to commit.
@@ -105,7 +112,13 @@ impl Origin {
 }
 
 impl InFlight {
-    fn finish(self, status: Status, charge_id: Option<String>, reasons: Vec<String>) -> Finished {
+    /// `None` only if the token was taken already (never, outside a panic).
+    fn finish(
+        self,
+        status: Status,
+        charge_id: Option<String>,
+        reasons: Vec<String>,
+    ) -> Option<Finished> {
         let Self {
             order,
             payload,
@@ -119,7 +132,8 @@ impl InFlight {
             traceparent: _,
             token,
         } = self;
-        Finished {
+        let token = token.take()?;
+        Some(Finished {
             record: Record {
                 order_id: order.order_id,
                 status,
@@ -141,7 +155,7 @@ impl InFlight {
                 Some(ms) => Origin::Timestamp(ms),
                 None => Origin::Received(received_at),
             },
-        }
+        })
     }
 }
 
@@ -163,12 +177,15 @@ impl Context {
     }
 
     fn give_up(&self, it: InFlight, stage: Stage, err: RetryError) {
+        let Some(token) = it.token.take() else {
+            return;
+        };
         let reason = match &err {
             RetryError::Exhausted { .. } => DeadLetterReason::RetriesExhausted,
             RetryError::Permanent(_) => DeadLetterReason::DownstreamRefused,
         };
         self.dead_letter(DeadLetter {
-            token: it.token,
+            token,
             body: it.raw,
             key: it.key,
             position: it.position,
@@ -249,9 +266,9 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
                             let _ = charge_tx.send(it).await;
                         }
                         Ok(v) => {
-                            let _ = finished_tx
-                                .send(it.finish(Status::Rejected, None, v.reasons))
-                                .await;
+                            if let Some(f) = it.finish(Status::Rejected, None, v.reasons) {
+                                let _ = finished_tx.send(f).await;
+                            }
                         }
                         Err(e) => ctx.give_up(it, Stage::Validate, e),
                     }
@@ -285,9 +302,9 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
                                     vec![c.reason.unwrap_or_else(|| "declined".into())],
                                 ),
                             };
-                            let _ = finished_tx
-                                .send(it.finish(status, Some(c.charge_id), reasons))
-                                .await;
+                            if let Some(f) = it.finish(status, Some(c.charge_id), reasons) {
+                                let _ = finished_tx.send(f).await;
+                            }
                         }
                         Err(e) => ctx.give_up(it, Stage::Charge, e),
                     }
@@ -308,7 +325,8 @@ const DECODE_BATCH: usize = 128;
 const LOOKUP_BATCH: usize = 256;
 
 /// Decodes each delivery; poison goes to the dead-letter destination, the
-/// rest on to [`screen_loop`]. Decoding goes on while the screen waits for
+/// rest on to [`screen_loop`]. First of all, a delivery over
+/// `source.max_deliveries` is dead-lettered (see `attempts`). Decoding goes on while the screen waits for
 /// the store.
 async fn decode_loop(
     ctx: Arc<Context>,
@@ -321,7 +339,8 @@ async fn decode_loop(
         let max = ctx.config.source.max_message_bytes;
         let mut waiting = Vec::with_capacity(DECODE_BATCH);
         while deliveries.recv_many(&mut waiting, DECODE_BATCH).await > 0 {
-            for d in waiting.drain(..) {
+            let screened = attempts::screen(&ctx, std::mem::take(&mut waiting)).await;
+            for d in screened {
                 match order::decode_canonical(&d.body, max) {
                     Ok(order) => {
                         if decoded_tx.send((d, order)).await.is_err() {
@@ -367,6 +386,8 @@ async fn screen_loop(
 ) {
     let linger = ctx.config.batch.max_wait / 4;
     let mut pending: Vec<(Delivery, Decoded)> = Vec::with_capacity(LOOKUP_BATCH);
+    // Counted redeliveries found already stored: done, so their counts go.
+    let mut settled_counted: Vec<String> = Vec::new();
     while decoded.recv_many(&mut pending, LOOKUP_BATCH).await > 0 {
         let until = tokio::time::Instant::now() + linger;
         while pending.len() < LOOKUP_BATCH {
@@ -399,6 +420,7 @@ async fn screen_loop(
                     tracing::info!(order_id = %order.order_id, position = %d.position,
                         "order already stored; acknowledging");
                     ctx.metrics.outcome(Outcome::Duplicate);
+                    settled_counted.extend(attempts::counted_key(&d));
                     ctx.done(vec![d.token]);
                     continue;
                 }
@@ -426,12 +448,13 @@ async fn screen_loop(
                 received_wall: Utc::now(),
                 timestamp_ms: d.timestamp_ms,
                 traceparent: d.traceparent,
-                token: d.token,
+                token: TokenSlot::new(d.token),
             };
             if validate.send(it).await.is_err() {
                 return;
             }
         }
+        attempts::forget(&ctx, std::mem::take(&mut settled_counted)).await;
     }
 }
 
@@ -460,16 +483,15 @@ async fn lookup(ctx: &Context, ids: &[String]) -> StoredDigests {
 /// once, and no item is taken from `input` until a worker is free and the
 /// downstream's circuit lets calls through, so a slow or failing stage
 /// pushes back on the one before it.
-async fn stage<I, F, Fut>(
+async fn stage<F, Fut>(
     ctx: Arc<Context>,
     name: Stage,
     concurrency: usize,
     breaker: Arc<CircuitBreaker>,
-    mut input: mpsc::Receiver<I>,
+    mut input: mpsc::Receiver<InFlight>,
     work: F,
 ) where
-    I: Send + 'static,
-    F: Fn(I) -> Fut + Send + Sync + 'static,
+    F: Fn(InFlight) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(concurrency));
@@ -496,13 +518,17 @@ async fn stage<I, F, Fut>(
         let Some(item) = input.recv().await else {
             break;
         };
+        let salvage = item.salvage();
         let fut = work(item);
         let in_flight = in_flight.clone();
         let duration = duration.clone();
+        let ctx = ctx.clone();
         in_flight.inc();
         tasks.spawn(async move {
             let started = Instant::now();
-            fut.await;
+            if let Err(panic) = contain::contain(fut).await {
+                salvage.dead_letter(&ctx, name, panic);
+            }
             duration.observe(started.elapsed().as_secs_f64());
             in_flight.dec();
             drop(slot);

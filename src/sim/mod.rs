@@ -5,7 +5,8 @@
 //!
 //! Decisions about an order (reject, decline) are a function of its id, so
 //! a retry or a redelivery gets the same answer. Orders whose `customer_id`
-//! starts with `reject` are always rejected, `decline` always declined.
+//! starts with `reject` are always rejected, `decline` always declined,
+//! `hang` charged but never answered (a stage the daemon dies in).
 //! Charges are keyed by `Idempotency-Key`, compared byte for byte as a real
 //! provider does (no trimming, no case folding, any bytes): the same key with
 //! the same parameters returns the same charge; the same key with other
@@ -506,7 +507,9 @@ async fn charge(State(sim): State<Sim>, headers: HeaderMap, body: axum::body::By
             }
         }
     };
-    if matches!(fault, Fault::Hang) {
+    // A customer id starting with `hang` is charged and never answered: a
+    // payment call the daemon can only give up on, or be killed during.
+    if matches!(fault, Fault::Hang) || entry.customer_id.starts_with("hang") {
         return hang().await;
     }
     let reason = (entry.status == "declined").then_some("insufficient funds");

@@ -127,6 +127,10 @@ pub struct Delivery {
     pub position: Position,
     /// The broker says it may have been handed out before.
     pub redelivered: bool,
+    /// How many times the broker has handed it out before, where the
+    /// broker counts (quorum queues' `x-delivery-count`); `None` elsewhere,
+    /// where the store keeps the count (see `pipeline::attempts`).
+    pub prior_deliveries: Option<u32>,
     /// When the daemon received it; end-to-end latency starts here unless the
     /// broker stamped the message.
     pub received_at: Instant,

@@ -242,6 +242,38 @@ impl Store {
         }
     }
 
+    /// Counts one more delivery of each message (keys unique), returning
+    /// how many this store has seen of each, this one included.
+    pub async fn count_deliveries(
+        &self,
+        keys: &[String],
+    ) -> Result<HashMap<String, u32>, StoreError> {
+        match self {
+            Store::Postgres(s) => s.count_deliveries(keys).await,
+            Store::Sqlite(s) => s.count_deliveries(keys).await,
+        }
+    }
+
+    /// Drops the counts of these messages (dead-lettered: a replay starts
+    /// afresh).
+    pub async fn forget_deliveries(&self, keys: &[String]) -> Result<(), StoreError> {
+        match self {
+            Store::Postgres(s) => s.forget_deliveries(keys).await,
+            Store::Sqlite(s) => s.forget_deliveries(keys).await,
+        }
+    }
+
+    /// Drops counts not touched for `older_than`: messages long settled.
+    pub async fn prune_deliveries(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        match self {
+            Store::Postgres(s) => s.prune_deliveries(older_than).await,
+            Store::Sqlite(s) => s.prune_deliveries(older_than).await,
+        }
+    }
+
     /// Cheap round trip for readiness.
     pub async fn ping(&self) -> Result<(), StoreError> {
         match self {

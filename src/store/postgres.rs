@@ -3,7 +3,7 @@
 //! statement is prepared once and never hits the bind-parameter limit.
 
 use std::borrow::Borrow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -24,9 +24,50 @@ RETURNING order_id";
 
 const STORED: &str = "SELECT order_id, payload_digest FROM orders WHERE order_id = ANY($1::text[])";
 
+/// One more delivery of each key (unique), returning each count.
+const COUNT_DELIVERIES: &str = "\
+INSERT INTO delivery_attempts (message_key, deliveries)
+SELECT k, 1 FROM UNNEST($1::text[]) AS t(k)
+ON CONFLICT (message_key)
+DO UPDATE SET deliveries = delivery_attempts.deliveries + 1, last_at = now()
+RETURNING message_key, deliveries";
+
+/// What to look at when a connection failed on TLS: the keys of
+/// `database.url` that decide it. Empty for any other failure.
+pub fn tls_hint(url: &str, error: &str) -> String {
+    let e = error.to_ascii_lowercase();
+    if super::is_sqlite_url(url)
+        || !["certificate", "tls", "ssl", "handshake", "issuer"]
+            .iter()
+            .any(|w| e.contains(w))
+    {
+        return String::new();
+    }
+    let param = |name: &str| {
+        url::Url::parse(url).ok().and_then(|u| {
+            u.query_pairs()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        })
+    };
+    match (param("sslmode"), param("sslrootcert")) {
+        (Some(mode), Some(ca)) => format!(
+            " (TLS: database.url has sslmode={mode}; does the server's certificate chain \
+             to its sslrootcert {ca} and name the host of the URL?)"
+        ),
+        (Some(mode), None) => format!(
+            " (TLS: database.url has sslmode={mode} and no sslrootcert, so only the \
+             system's CA store is trusted)"
+        ),
+        (None, _) => " (TLS: database.url sets no sslmode; the default is prefer)".into(),
+    }
+}
+
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// `database.url`, for what an error should point at.
+    url: String,
 }
 
 impl PgStore {
@@ -42,7 +83,10 @@ impl PgStore {
             .max_connections(cfg.max_connections)
             .acquire_timeout(cfg.acquire_timeout)
             .connect_lazy_with(opts);
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            url: cfg.url.clone(),
+        })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -53,7 +97,10 @@ impl PgStore {
         sqlx::migrate!("./migrations/postgres")
             .run(&self.pool)
             .await
-            .map_err(|e| anyhow::anyhow!("applying migrations: {e}"))
+            .map_err(|e| {
+                let e = e.to_string();
+                anyhow::anyhow!("applying migrations: {e}{}", tls_hint(&self.url, &e))
+            })
     }
 
     /// Commits `batch` (whose ids are unique) as one transaction.
@@ -132,6 +179,45 @@ impl PgStore {
             .await
             .map_err(StoreError::classify)?;
         Ok(rows.into_iter().collect())
+    }
+
+    pub async fn count_deliveries(
+        &self,
+        keys: &[String],
+    ) -> Result<HashMap<String, u32>, StoreError> {
+        let rows: Vec<(String, i32)> = sqlx::query_as(COUNT_DELIVERIES)
+            .bind(keys)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|(k, n)| (k, u32::try_from(n).unwrap_or(0)))
+            .collect())
+    }
+
+    pub async fn forget_deliveries(&self, keys: &[String]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM delivery_attempts WHERE message_key = ANY($1::text[])")
+            .bind(keys)
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(StoreError::classify)
+    }
+
+    pub async fn prune_deliveries(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        let secs = older_than.as_secs_f64();
+        sqlx::query(
+            "DELETE FROM delivery_attempts WHERE last_at < now() - make_interval(secs => $1)",
+        )
+        .bind(secs)
+        .execute(&self.pool)
+        .await
+        .map(|r| r.rows_affected())
+        .map_err(StoreError::classify)
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {

@@ -5,7 +5,7 @@
 //! bind-parameter limit.
 
 use std::borrow::Borrow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -155,6 +155,57 @@ impl SqliteStore {
         Ok(rows.into_iter().collect())
     }
 
+    pub async fn count_deliveries(
+        &self,
+        keys: &[String],
+    ) -> Result<HashMap<String, u32>, StoreError> {
+        let keys = serde_json::to_string(keys)
+            .map_err(|e| StoreError::Row(sqlx::Error::Encode(Box::new(e))))?;
+        // `WHERE true`: SQLite's parser needs it between a SELECT and ON CONFLICT.
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "INSERT INTO delivery_attempts (message_key, deliveries) \
+             SELECT value, 1 FROM json_each(?1) WHERE true \
+             ON CONFLICT (message_key) DO UPDATE SET deliveries = deliveries + 1, \
+             last_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
+             RETURNING message_key, deliveries",
+        )
+        .bind(keys)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::classify_sqlite)?;
+        Ok(rows
+            .into_iter()
+            .map(|(k, n)| (k, u32::try_from(n).unwrap_or(0)))
+            .collect())
+    }
+
+    pub async fn forget_deliveries(&self, keys: &[String]) -> Result<(), StoreError> {
+        let keys = serde_json::to_string(keys)
+            .map_err(|e| StoreError::Row(sqlx::Error::Encode(Box::new(e))))?;
+        sqlx::query(
+            "DELETE FROM delivery_attempts WHERE message_key IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(keys)
+        .execute(&self.pool)
+        .await
+        .map(drop)
+        .map_err(StoreError::classify_sqlite)
+    }
+
+    pub async fn prune_deliveries(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<u64, StoreError> {
+        let cutoff = chrono::Utc::now()
+            - chrono::Duration::from_std(older_than).unwrap_or(chrono::Duration::days(7));
+        sqlx::query("DELETE FROM delivery_attempts WHERE last_at < ?1")
+            .bind(cutoff.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+            .execute(&self.pool)
+            .await
+            .map(|r| r.rows_affected())
+            .map_err(StoreError::classify_sqlite)
+    }
+
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
@@ -230,6 +281,53 @@ mod tests {
             .expect("stored")
             .is_empty());
         store.ping().await.expect("ping");
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn deliveries_are_counted_per_key_forgotten_and_pruned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = fresh_store(&dir).await;
+        let keys = |ks: &[&str]| ks.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        let first = store
+            .count_deliveries(&keys(&["a", "b"]))
+            .await
+            .expect("count");
+        assert_eq!((first["a"], first["b"]), (1, 1));
+        let second = store.count_deliveries(&keys(&["a"])).await.expect("count");
+        assert_eq!(second["a"], 2);
+        store
+            .forget_deliveries(&keys(&["a"]))
+            .await
+            .expect("forget");
+        let again = store
+            .count_deliveries(&keys(&["a", "b"]))
+            .await
+            .expect("count");
+        assert_eq!(
+            (again["a"], again["b"]),
+            (1, 2),
+            "a forgotten count starts over"
+        );
+        assert_eq!(
+            store
+                .prune_deliveries(Duration::from_secs(3600))
+                .await
+                .expect("prune"),
+            0,
+            "recent counts are kept"
+        );
+        sqlx::query("UPDATE delivery_attempts SET last_at = '2000-01-01T00:00:00.000Z'")
+            .execute(store.pool())
+            .await
+            .expect("age the rows");
+        assert_eq!(
+            store
+                .prune_deliveries(Duration::from_secs(3600))
+                .await
+                .expect("prune"),
+            2
+        );
         store.close().await;
     }
 

@@ -186,7 +186,7 @@ enum DlqCommand {
 
 /// The broker-specific side of a `dlq` command.
 enum Target {
-    Rabbit(crate::config::RabbitConfig),
+    Rabbit(Box<crate::config::RabbitConfig>),
     Kafka(Box<dlq::kafka::Target>),
 }
 
@@ -230,7 +230,7 @@ impl DlqCli {
                     self.topic.is_none() && self.group.is_none(),
                     "--topic and --group are for Kafka"
                 );
-                Target::Rabbit(config.rabbitmq.clone())
+                Target::Rabbit(Box::new(config.rabbitmq.clone()))
             }
             Broker::Kafka => Target::Kafka(Box::new(dlq::kafka::Target::new(
                 &config.kafka,

@@ -127,6 +127,18 @@ impl Env {
             .expect("publish")
     }
 
+    /// Publishes through `cfg` (which declares its topology: a quorum
+    /// queue, for one).
+    pub async fn publish_to(
+        &self,
+        cfg: &RabbitConfig,
+        bodies: impl IntoIterator<Item = Vec<u8>>,
+    ) -> u64 {
+        conveyor::produce::publish_rabbit(cfg, bodies, 500, None, |_| {})
+            .await
+            .expect("publish")
+    }
+
     pub async fn rows(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM orders")
             .fetch_one(&self.pool)

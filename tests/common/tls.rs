@@ -102,8 +102,23 @@ pub struct Terminator {
 
 impl Terminator {
     pub async fn start(port: u16, cert_and_key: &Path, upstream: u16) -> Self {
+        Self::start_with(port, cert_and_key, None, upstream).await
+    }
+
+    /// As `start`; with `client_ca`, a client must present a certificate
+    /// signed by it (mutual TLS).
+    pub async fn start_with(
+        port: u16,
+        cert_and_key: &Path,
+        client_ca: Option<&Path>,
+        upstream: u16,
+    ) -> Self {
+        let verify = match client_ca {
+            Some(ca) => format!("verify=1,cafile={}", ca.display()),
+            None => "verify=0".to_string(),
+        };
         let listen = format!(
-            "openssl-listen:{port},bind=127.0.0.1,reuseaddr,fork,cert={},verify=0",
+            "openssl-listen:{port},bind=127.0.0.1,reuseaddr,fork,cert={},{verify}",
             cert_and_key.display()
         );
         let child = Command::new("socat")

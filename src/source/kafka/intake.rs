@@ -109,6 +109,7 @@ pub(super) async fn intake(
                 offset,
             },
             redelivered,
+            prior_deliveries: None,
             received_at: Instant::now(),
             timestamp_ms: m.timestamp().to_millis(),
             traceparent: m.headers().and_then(|h| header_text(h, "traceparent")),

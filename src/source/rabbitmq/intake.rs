@@ -17,9 +17,28 @@ use tokio_util::sync::CancellationToken;
 
 use super::session::{Link, Session};
 use super::{RabbitError, TIMESTAMP_HEADER};
-use crate::config::RabbitConfig;
+use crate::config::{QueueType, RabbitConfig};
 use crate::source::{AckToken, Delivery, Held, Position, TokenKind};
 use crate::telemetry::{Health, Metrics};
+
+/// Set by quorum queues on a message returned to the queue before: how many
+/// times it was (absent on the first delivery).
+const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+
+fn delivery_count(v: &AMQPValue) -> Option<u32> {
+    let n: i64 = match v {
+        AMQPValue::LongLongInt(n) => *n,
+        AMQPValue::LongInt(n) => i64::from(*n),
+        AMQPValue::ShortInt(n) => i64::from(*n),
+        AMQPValue::ShortShortInt(n) => i64::from(*n),
+        AMQPValue::LongUInt(n) => i64::from(*n),
+        AMQPValue::ShortUInt(n) => i64::from(*n),
+        AMQPValue::ShortShortUInt(n) => i64::from(*n),
+        AMQPValue::Timestamp(n) => i64::try_from(*n).ok()?,
+        _ => return None,
+    };
+    Some(u32::try_from(n.max(0)).unwrap_or(u32::MAX))
+}
 
 /// How one session's intake ended.
 enum Ended {
@@ -162,6 +181,14 @@ async fn consume_session(
                 delivery_tag: d.delivery_tag,
             },
             redelivered: d.redelivered,
+            prior_deliveries: (cfg.queue_type == QueueType::Quorum).then(|| {
+                d.properties
+                    .headers()
+                    .as_ref()
+                    .and_then(|h| h.inner().get(DELIVERY_COUNT_HEADER))
+                    .and_then(delivery_count)
+                    .unwrap_or(0)
+            }),
             received_at: Instant::now(),
             timestamp_ms,
             traceparent: d
@@ -188,5 +215,22 @@ async fn consume_session(
         if deliveries.send(delivery).await.is_err() {
             return Ended::Stopped;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_delivery_count_is_read_from_any_integer_type() {
+        assert_eq!(delivery_count(&AMQPValue::LongLongInt(3)), Some(3));
+        assert_eq!(delivery_count(&AMQPValue::LongInt(2)), Some(2));
+        assert_eq!(delivery_count(&AMQPValue::LongLongInt(-1)), Some(0));
+        assert_eq!(
+            delivery_count(&AMQPValue::LongString("3".into())),
+            None,
+            "not a number"
+        );
     }
 }

@@ -33,14 +33,17 @@ mod settle;
 use std::sync::Arc;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::AMQPUri;
-use lapin::{Channel, Consumer, ExchangeKind};
+use lapin::{
+    Channel, Connection, ConnectionProperties, Consumer, DefaultConnectionBuilder, ExchangeKind,
+};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::{Delivery, Settlement};
-use crate::config::{resolve_secret, RabbitConfig};
+use crate::config::{resolve_secret, QueueType, RabbitConfig};
 use crate::telemetry::{Health, Metrics};
 use session::{Link, Session};
 
@@ -52,6 +55,12 @@ pub const TIMESTAMP_HEADER: &str = "timestamp_in_ms";
 pub enum RabbitError {
     #[error("rabbitmq.{key}: {message}")]
     Config { key: &'static str, message: String },
+    #[error("RabbitMQ TLS: {source}; {hint}")]
+    Tls {
+        hint: String,
+        #[source]
+        source: lapin::Error,
+    },
     #[error("RabbitMQ {what}: {source}")]
     Broker {
         what: &'static str,
@@ -91,16 +100,133 @@ pub fn amqp_uri(cfg: &RabbitConfig) -> Result<AMQPUri, RabbitError> {
     Ok(uri)
 }
 
+/// The TLS settings of `rabbitmq.tls`, files read now.
+pub fn tls_config(cfg: &RabbitConfig) -> Result<OwnedTLSConfig, RabbitError> {
+    let read = |key: &'static str, file: &std::path::Path| {
+        std::fs::read(file).map_err(|e| RabbitError::Config {
+            key,
+            message: format!("cannot read {}: {e}", file.display()),
+        })
+    };
+    let mut tls = OwnedTLSConfig::default();
+    if let Some(ca) = &cfg.tls.ca_file {
+        let pem = read("tls.ca_file", ca)?;
+        tls.cert_chain = Some(String::from_utf8_lossy(&pem).into_owned());
+    }
+    if let (Some(cert), Some(key)) = (&cfg.tls.cert_file, &cfg.tls.key_file) {
+        tls.identity = Some(OwnedIdentity::PKCS8 {
+            pem: read("tls.cert_file", cert)?,
+            key: read("tls.key_file", key)?,
+        });
+    }
+    Ok(tls)
+}
+
+/// Connects with the configured credentials and TLS settings. A refused
+/// TLS handshake says which keys decide it.
+pub async fn connect(
+    cfg: &RabbitConfig,
+    props: ConnectionProperties,
+) -> Result<Connection, RabbitError> {
+    let uri = amqp_uri(cfg)?;
+    let builder = DefaultConnectionBuilder::new()
+        .map_err(broker("starting the AMQP client"))?
+        .with_uri(uri)
+        .with_properties(props)
+        .with_tls_config(tls_config(cfg)?);
+    builder.connect().await.map_err(|source| {
+        let text = source.to_string().to_ascii_lowercase();
+        if cfg.url.starts_with("amqps://")
+            && ["certificate", "tls", "handshake", "issuer"]
+                .iter()
+                .any(|w| text.contains(w))
+        {
+            let client_cert = text.contains("certificaterequired")
+                || text.contains("certificate required")
+                || text.contains("unknownca")
+                || text.contains("badcertificate");
+            RabbitError::Tls {
+                hint: match &cfg.tls.ca_file {
+                    _ if client_cert => match &cfg.tls.cert_file {
+                        None => "the broker wants a client certificate: set \
+                                 rabbitmq.tls.cert_file and rabbitmq.tls.key_file"
+                            .into(),
+                        Some(f) => format!(
+                            "the broker refused the client certificate rabbitmq.tls.cert_file ({})",
+                            f.display()
+                        ),
+                    },
+                    Some(f) => format!(
+                        "does the broker's certificate chain to rabbitmq.tls.ca_file ({}) \
+                         and name the host of rabbitmq.url?",
+                        f.display()
+                    ),
+                    None => "rabbitmq.tls.ca_file is unset, so only the system's CA store \
+                             is trusted"
+                        .into(),
+                },
+                source,
+            }
+        } else {
+            RabbitError::Broker {
+                what: "connecting",
+                source,
+            }
+        }
+    })
+}
+
+/// The arguments the work queue is declared with: none for a classic
+/// queue (as it always was, so an existing one still matches); for a
+/// quorum queue its type, the broker's delivery limit, and the dead-letter
+/// exchange that a message over that limit goes to (at least once, which
+/// RabbitMQ allows only with `reject-publish` overflow).
+pub fn queue_arguments(cfg: &RabbitConfig) -> Result<FieldTable, RabbitError> {
+    let mut args = FieldTable::default();
+    if cfg.queue_type != QueueType::Quorum {
+        return Ok(args);
+    }
+    let text = |v: &str| AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()));
+    args.insert(ShortString::from("x-queue-type"), text("quorum"));
+    args.insert(
+        ShortString::from("x-delivery-limit"),
+        AMQPValue::LongInt(i32::try_from(cfg.delivery_limit).unwrap_or(i32::MAX)),
+    );
+    if !cfg.dead_letter_exchange.is_empty() {
+        args.insert(
+            ShortString::from("x-dead-letter-exchange"),
+            text(&cfg.dead_letter_exchange),
+        );
+        args.insert(
+            ShortString::from("x-dead-letter-routing-key"),
+            text(&cfg.queue),
+        );
+        args.insert(
+            ShortString::from("x-dead-letter-strategy"),
+            text("at-least-once"),
+        );
+        args.insert(ShortString::from("x-overflow"), text("reject-publish"));
+    } else {
+        // Straight to the dead-letter queue through the default exchange.
+        args.insert(ShortString::from("x-dead-letter-exchange"), text(""));
+        args.insert(
+            ShortString::from("x-dead-letter-routing-key"),
+            text(&cfg.dead_letter_queue()),
+        );
+    }
+    Ok(args)
+}
+
 /// Declares the work queue, the dead-letter exchange and queue, durable.
+/// A queue that exists with other arguments (classic where quorum is
+/// configured, or the reverse) is refused by the broker; the error names
+/// `rabbitmq.queue_type`.
 pub async fn declare_topology(channel: &Channel, cfg: &RabbitConfig) -> Result<(), RabbitError> {
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
-    channel
-        .queue_declare(short("queue", &cfg.queue)?, durable, FieldTable::default())
-        .await
-        .map_err(broker("declaring the queue"))?;
+    // The dead-letter side first: a quorum queue names it as its target.
     let dlq = cfg.dead_letter_queue();
     channel
         .queue_declare(
@@ -110,6 +236,28 @@ pub async fn declare_topology(channel: &Channel, cfg: &RabbitConfig) -> Result<(
         )
         .await
         .map_err(broker("declaring the dead-letter queue"))?;
+    channel
+        .queue_declare(short("queue", &cfg.queue)?, durable, queue_arguments(cfg)?)
+        .await
+        .map_err(|e| {
+            let text = e.to_string();
+            if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent") {
+                RabbitError::Config {
+                    key: "queue_type",
+                    message: format!(
+                        "queue {:?} exists with other arguments than a {:?} queue with \
+                         delivery_limit {} (rabbitmq.queue_type, rabbitmq.delivery_limit, \
+                         rabbitmq.dead_letter_exchange): {text}",
+                        cfg.queue, cfg.queue_type, cfg.delivery_limit
+                    ),
+                }
+            } else {
+                RabbitError::Broker {
+                    what: "declaring the queue",
+                    source: e,
+                }
+            }
+        })?;
     if !cfg.dead_letter_exchange.is_empty() {
         channel
             .exchange_declare(
@@ -161,8 +309,8 @@ impl RabbitSource {
             key: "prefetch",
             message: "AMQP prefetch is at most 65535".into(),
         })?;
+        amqp_uri(cfg)?;
         let link = Link {
-            uri: amqp_uri(cfg)?,
             cfg: cfg.clone(),
             prefetch,
             metrics,

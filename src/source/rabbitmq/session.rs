@@ -13,7 +13,6 @@ use lapin::options::{
     BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, LongString, ShortString};
-use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -56,7 +55,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// declared or set on each new connection.
 pub(super) struct Link {
     pub(super) cfg: RabbitConfig,
-    pub(super) uri: AMQPUri,
     pub(super) prefetch: u16,
     pub(super) metrics: Arc<Metrics>,
 }
@@ -126,9 +124,7 @@ impl Link {
         let cfg = &self.cfg;
         let props = ConnectionProperties::default()
             .with_connection_name(LongString::from("conveyor".to_string()));
-        let connection = Connection::connect_uri(self.uri.clone(), props)
-            .await
-            .map_err(broker("connecting"))?;
+        let connection = super::connect(cfg, props).await?;
         // From here on an early return drops `connection`, which closes it,
         // and the watchers, which aborts them.
         let lost = CancellationToken::new();

@@ -33,7 +33,8 @@ fn unavailable(what: &str) -> impl FnOnce(anyhow::Error) -> Unavailable + '_ {
 
 /// The broker side of ingest.
 pub enum Publisher {
-    Rabbit(RabbitPublisher),
+    /// Boxed: the RabbitMQ configuration it carries is large.
+    Rabbit(Box<RabbitPublisher>),
     Kafka(KafkaPublisher),
 }
 
@@ -41,10 +42,10 @@ impl Publisher {
     pub fn new(config: &Config) -> anyhow::Result<Self> {
         let timeout = config.ingest.publish_timeout;
         Ok(match config.source.kind {
-            SourceKind::Rabbitmq => Publisher::Rabbit(RabbitPublisher {
+            SourceKind::Rabbitmq => Publisher::Rabbit(Box::new(RabbitPublisher {
                 cfg: config.rabbitmq.clone(),
                 connection: Mutex::new(None),
-            }),
+            })),
             SourceKind::Kafka => Publisher::Kafka(KafkaPublisher::new(&config.kafka, timeout)?),
         })
     }
