@@ -29,7 +29,7 @@ use super::Context;
 use crate::downstream::retry::FullJitter;
 use crate::outcome::{DeadLetterReason, Stage};
 use crate::source::{DeadLetter, Delivery, Position};
-use crate::telemetry::Health;
+use crate::telemetry::{events, Health};
 
 /// The identity a delivery's count is kept under in the store.
 fn message_key(d: &Delivery) -> String {
@@ -116,8 +116,10 @@ pub(super) async fn screen(ctx: &Context, batch: Vec<Delivery>) -> Vec<Delivery>
             kept.push(d);
             continue;
         }
-        tracing::warn!(position = %d.position, deliveries, max_deliveries = max,
-            "message delivered too many times; dead-lettering it before any work");
+        events::limited(&ctx.metrics, "redelivery_limit", |suppressed| {
+            tracing::warn!(position = %d.position, deliveries, max_deliveries = max, suppressed,
+                "message delivered too many times; dead-lettering it before any work");
+        });
         if let Some(k) = key {
             over.push(k);
         }

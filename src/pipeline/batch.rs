@@ -17,7 +17,7 @@ use crate::downstream::retry::FullJitter;
 use crate::outcome::{DeadLetterReason, Outcome, Stage};
 use crate::source::DeadLetter;
 use crate::store::{Record, StoreError, Written};
-use crate::telemetry::Health;
+use crate::telemetry::{events, Health};
 
 pub(super) async fn batcher(
     ctx: Arc<Context>,
@@ -115,14 +115,18 @@ async fn write(ctx: &Context, batch: Vec<Finished>) {
             Ok(Written::Existing { digest })
                 if digest.as_deref().is_none_or(|d| d == record.payload_digest) =>
             {
-                tracing::info!(order_id = %record.order_id, %position,
-                    "order stored meanwhile by another delivery; acknowledging");
+                events::limited(&ctx.metrics, "duplicate", |suppressed| {
+                    tracing::info!(order_id = %record.order_id, %position, suppressed,
+                        "order stored meanwhile by another delivery; acknowledging");
+                });
                 ctx.metrics.outcome(Outcome::Duplicate);
                 tokens.push(token);
             }
             Ok(Written::Existing { digest }) => {
-                tracing::warn!(order_id = %record.order_id, %position,
-                    "order_id stored meanwhile with other contents; dead-lettering");
+                events::limited(&ctx.metrics, "conflicting_duplicate", |suppressed| {
+                    tracing::warn!(order_id = %record.order_id, %position, suppressed,
+                        "order_id stored meanwhile with other contents; dead-lettering");
+                });
                 ctx.dead_letter(conflicting_duplicate(
                     (token, raw, key, position),
                     record.order_id,

@@ -46,7 +46,7 @@ use crate::order::{self, Decoded, Digest, Order};
 use crate::outcome::{DeadLetterReason, Outcome, Stage};
 use crate::source::{AckToken, DeadLetter, Delivery, Position, Settlement};
 use crate::store::{Record, Status, Store, StoredDigests};
-use crate::telemetry::{Health, Metrics};
+use crate::telemetry::{events, Health, Metrics};
 
 /// Everything the stages share.
 pub struct Context {
@@ -417,8 +417,10 @@ async fn screen_loop(
                 // Same contents, or stored before digests existed (nothing
                 // to compare with): the outcome is already durable.
                 Some(theirs) if theirs.as_deref().is_none_or(|t| t == digest.to_hex()) => {
-                    tracing::info!(order_id = %order.order_id, position = %d.position,
-                        "order already stored; acknowledging");
+                    events::limited(&ctx.metrics, "duplicate", |suppressed| {
+                        tracing::info!(order_id = %order.order_id, position = %d.position,
+                            suppressed, "order already stored; acknowledging");
+                    });
                     ctx.metrics.outcome(Outcome::Duplicate);
                     settled_counted.extend(attempts::counted_key(&d));
                     ctx.done(vec![d.token]);
@@ -426,8 +428,10 @@ async fn screen_loop(
                 }
                 Some(theirs) => {
                     let theirs = theirs.as_deref().unwrap_or_default();
-                    tracing::warn!(order_id = %order.order_id, position = %d.position,
-                        "order_id already stored with other contents; dead-lettering");
+                    events::limited(&ctx.metrics, "conflicting_duplicate", |suppressed| {
+                        tracing::warn!(order_id = %order.order_id, position = %d.position,
+                            suppressed, "order_id already stored with other contents; dead-lettering");
+                    });
                     ctx.dead_letter(conflicting_duplicate(
                         (d.token, d.body, d.key, d.position),
                         order.order_id,

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub acked: IntCounter,
     pub orders: IntCounterVec,
     pub dead_letters: IntCounterVec,
+    /// Log lines of per-message events dropped by their rate limit.
+    pub log_lines_suppressed: IntCounterVec,
     pub stage_in_flight: IntGaugeVec,
     pub stage_duration: HistogramVec,
     pub downstream_requests: IntCounterVec,
@@ -117,6 +119,13 @@ impl Metrics {
                     "Messages published to the dead-letter destination, by reason.",
                 ),
                 &["reason"],
+            )?,
+            log_lines_suppressed: IntCounterVec::new(
+                Opts::new(
+                    "log_lines_suppressed_total",
+                    "Log lines of per-message events not written because their kind was over its rate.",
+                ),
+                &["event"],
             )?,
             stage_in_flight: IntGaugeVec::new(
                 Opts::new("stage_in_flight", "Orders being worked on, per stage."),
@@ -239,6 +248,8 @@ impl Metrics {
         m.registry.register(Box::new(m.acked.clone()))?;
         m.registry.register(Box::new(m.orders.clone()))?;
         m.registry.register(Box::new(m.dead_letters.clone()))?;
+        m.registry
+            .register(Box::new(m.log_lines_suppressed.clone()))?;
         m.registry.register(Box::new(m.stage_in_flight.clone()))?;
         m.registry.register(Box::new(m.stage_duration.clone()))?;
         m.registry
@@ -280,6 +291,9 @@ impl Metrics {
         // happened yet is 0, not absent.
         for reason in DeadLetterReason::all() {
             m.dead_letters.with_label_values(&[reason.as_str()]);
+        }
+        for event in super::events::EVENTS {
+            m.log_lines_suppressed.with_label_values(&[event]);
         }
         m.broker_errors
             .with_label_values(&["rabbitmq", "reconnect_failed"]);

@@ -1,8 +1,10 @@
 //! Telemetry: what the daemon tells its operators. [`metrics`] is the
 //! Prometheus registry every component counts into, [`health`] the flags
 //! and checks behind `/readyz`, [`server`] the HTTP endpoint serving
-//! `/metrics`, `/healthz` and `/readyz`; tracing set-up is here.
+//! `/metrics`, `/healthz` and `/readyz`, [`events`] the log and count of
+//! each per-message event; tracing set-up is here.
 
+pub mod events;
 pub mod health;
 pub mod metrics;
 pub mod server;

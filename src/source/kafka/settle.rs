@@ -18,8 +18,8 @@ use super::offsets::TopicPartition;
 use super::rebalance::{finish_revoke, Revoke};
 use super::{tpl_of, KafkaSource};
 use crate::downstream::retry::FullJitter;
-use crate::outcome::Outcome;
 use crate::source::{AckToken, DeadLetter, Position, Settlement, TokenKind};
+use crate::telemetry::events;
 
 /// Bounds of the jittered wait between refused final commits.
 const FINAL_COMMIT_RETRY_INITIAL: Duration = Duration::from_millis(100);
@@ -58,11 +58,7 @@ pub(super) async fn settle(
             },
             Some(joined) = publishing.join_next(), if !publishing.is_empty() => match joined {
                 Ok((dl, Ok(()))) => {
-                    metrics.dead_letters.with_label_values(&[dl.reason.as_str()]).inc();
-                    metrics.outcome(Outcome::DeadLettered);
-                    tracing::warn!(order_id = dl.order_id.as_deref().unwrap_or(""),
-                        position = %dl.position, reason = %dl.reason, stage = %dl.stage,
-                        detail = %dl.detail, "dead-lettered");
+                    events::dead_lettered(metrics, &dl);
                     mark_done(src, vec![dl.token]);
                 }
                 Ok((dl, Err(e))) => tracing::error!(position = %dl.position, error = %e,

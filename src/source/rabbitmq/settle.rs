@@ -13,8 +13,8 @@ use super::acks::AmqpAckRuns;
 use super::dead_letter::publish_dead_letter;
 use super::session::Session;
 use crate::config::RabbitConfig;
-use crate::outcome::Outcome;
 use crate::source::{AckToken, DeadLetter, Settlement, TokenKind};
+use crate::telemetry::events;
 use crate::telemetry::Metrics;
 
 /// A dead-letter publish in progress: the letter, the session it was
@@ -53,11 +53,7 @@ pub(super) async fn settle(
             },
             Some(joined) = publishing.join_next(), if !publishing.is_empty() => match joined {
                 Ok((dl, _, Ok(()))) => {
-                    metrics.dead_letters.with_label_values(&[dl.reason.as_str()]).inc();
-                    metrics.outcome(Outcome::DeadLettered);
-                    tracing::warn!(order_id = dl.order_id.as_deref().unwrap_or(""),
-                        position = %dl.position, reason = %dl.reason, stage = %dl.stage,
-                        detail = %dl.detail, "dead-lettered");
+                    events::dead_lettered(metrics, &dl);
                     held.push(dl.token);
                 }
                 Ok((dl, session, Err(e))) => {
