@@ -543,6 +543,17 @@ pub struct DownstreamConfig {
     pub pool_max_idle: usize,
     pub retry: RetryConfig,
     pub breaker: BreakerConfig,
+    pub rate_limit: RateLimitConfig,
+}
+
+/// Most calls per second to one downstream, retries included (0: no
+/// limit), and how many may go at once after a quiet spell (0: as many as
+/// `per_second`). Set it a little under the provider's published limit.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub per_second: u32,
+    pub burst: u32,
 }
 
 impl Default for DownstreamConfig {
@@ -553,6 +564,7 @@ impl Default for DownstreamConfig {
             pool_max_idle: 128,
             retry: RetryConfig::default(),
             breaker: BreakerConfig::default(),
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
@@ -566,6 +578,7 @@ impl fmt::Debug for DownstreamConfig {
             pool_max_idle,
             retry,
             breaker,
+            rate_limit,
         } = self;
         f.debug_struct("DownstreamConfig")
             .field("url", &redact_url(url))
@@ -573,6 +586,7 @@ impl fmt::Debug for DownstreamConfig {
             .field("pool_max_idle", pool_max_idle)
             .field("retry", retry)
             .field("breaker", breaker)
+            .field("rate_limit", rate_limit)
             .finish()
     }
 }
@@ -1377,6 +1391,20 @@ impl Config {
                 &format!("{name}.breaker.not_ready_after"),
                 b.not_ready_after,
                 DAY,
+            );
+            let r = &d.rate_limit;
+            check(
+                r.per_second <= 1_000_000,
+                &format!("{name}.rate_limit.per_second"),
+                format!("must be in 0..=1000000 (0: no limit), got {}", r.per_second),
+            );
+            check(
+                r.burst <= 1_000_000 && (r.burst == 0 || r.per_second > 0),
+                &format!("{name}.rate_limit.burst"),
+                format!(
+                    "must be in 0..=1000000, and needs rate_limit.per_second, got {}",
+                    r.burst
+                ),
             );
         }
         check_duration(

@@ -8,6 +8,7 @@
 
 pub mod breaker;
 pub mod retry;
+pub mod throttle;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use crate::order::Order;
 use crate::telemetry::Metrics;
 pub use breaker::CircuitBreaker;
 pub use retry::RetryError;
+use throttle::Throttle;
 
 /// How one HTTP attempt failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -184,6 +186,7 @@ struct Endpoint {
     cfg: DownstreamConfig,
     metrics: Arc<Metrics>,
     breaker: Arc<CircuitBreaker>,
+    throttle: Throttle,
 }
 
 impl Endpoint {
@@ -203,6 +206,13 @@ impl Endpoint {
             http: http_client(cfg)?,
             url: format!("{}{path}", cfg.url.trim_end_matches('/')),
             cfg: cfg.clone(),
+            throttle: Throttle::new(
+                &cfg.rate_limit,
+                metrics
+                    .downstream_throttled_seconds
+                    .with_label_values(&[name]),
+                metrics.downstream_pauses.with_label_values(&[name]),
+            ),
             metrics,
             breaker: Arc::new(breaker),
         })
@@ -233,6 +243,7 @@ impl Endpoint {
         retry::retry(
             &self.cfg.retry,
             &self.breaker,
+            &self.throttle,
             || {
                 let mut req = self
                     .http
@@ -250,11 +261,20 @@ impl Endpoint {
                     let res = call::<T>(req).await;
                     match &res {
                         Ok(_) => ok.inc(),
-                        Err(e) => self
-                            .metrics
-                            .downstream_requests
-                            .with_label_values(&[self.name, e.result_label()])
-                            .inc(),
+                        Err(e) => {
+                            if let CallError::Status {
+                                status: 429,
+                                retry_after: Some(wait),
+                                ..
+                            } = e
+                            {
+                                self.throttle.pause(*wait);
+                            }
+                            self.metrics
+                                .downstream_requests
+                                .with_label_values(&[self.name, e.result_label()])
+                                .inc()
+                        }
                     }
                     res
                 }

@@ -30,6 +30,7 @@ use backoff::ExponentialBackoff;
 use tokio::time::Instant;
 
 use super::breaker::CircuitBreaker;
+use super::throttle::Throttle;
 use super::CallError;
 use crate::config::RetryConfig;
 
@@ -100,6 +101,7 @@ pub enum RetryError {
 pub async fn retry<T, F, Fut>(
     cfg: &RetryConfig,
     breaker: &CircuitBreaker,
+    throttle: &Throttle,
     mut op: F,
     mut on_retry: impl FnMut(&CallError, Duration),
 ) -> Result<T, RetryError>
@@ -111,6 +113,9 @@ where
     let mut policy = FullJitter::new(cfg);
     let mut attempts = 0u32;
     loop {
+        // Held back by the rate limit or a pause: backpressure, not failure,
+        // so it does not count against `max_elapsed`.
+        start += throttle.admit().await;
         let permit = match breaker.try_acquire() {
             Some(p) => p,
             None => {
@@ -169,6 +174,14 @@ mod tests {
         CircuitBreaker::new("payment", &cfg, gauge)
     }
 
+    fn unthrottled() -> Throttle {
+        Throttle::new(
+            &crate::config::RateLimitConfig::default(),
+            prometheus::Counter::new("throttled_test", "test").expect("counter"),
+            prometheus::IntCounter::new("pauses_test", "test").expect("counter"),
+        )
+    }
+
     /// The retry policy alone, as before circuit breakers.
     fn no_breaker() -> CircuitBreaker {
         breaker(BreakerConfig {
@@ -222,6 +235,7 @@ mod tests {
         let got = retry(
             &cfg(5_000),
             &no_breaker(),
+            &unthrottled(),
             || async {
                 if calls.fetch_add(1, Ordering::SeqCst) < 3 {
                     Err(CallError::Status {
@@ -247,6 +261,7 @@ mod tests {
         let err = retry(
             &cfg(5_000),
             &no_breaker(),
+            &unthrottled(),
             || async {
                 calls.fetch_add(1, Ordering::SeqCst);
                 Err::<(), _>(CallError::Status {
@@ -269,6 +284,7 @@ mod tests {
         let err = retry(
             &cfg(200),
             &no_breaker(),
+            &unthrottled(),
             || async { Err::<(), _>(CallError::Transport("connection refused".into())) },
             |_, _| {},
         )
@@ -284,6 +300,7 @@ mod tests {
         let err = retry(
             &cfg(100),
             &no_breaker(),
+            &unthrottled(),
             || async {
                 Err::<(), _>(CallError::Status {
                     status: 429,
@@ -313,6 +330,7 @@ mod tests {
         let got = retry(
             &cfg(500),
             &b,
+            &unthrottled(),
             || async {
                 calls.fetch_add(1, Ordering::SeqCst);
                 if start.elapsed() < outage {
@@ -366,6 +384,7 @@ mod tests {
         let got = retry(
             &cfg(1_000),
             &b,
+            &unthrottled(),
             || async {
                 let now = Instant::now();
                 if now < at(600) {
@@ -400,6 +419,7 @@ mod tests {
         let err = retry(
             &cfg(200),
             &b,
+            &unthrottled(),
             || async { Err::<(), _>(unavailable()) },
             |_, _| {},
         )

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::outcome::{DeadLetterReason, Outcome, Stage};
 use prometheus::{
-    exponential_buckets, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The `event` label values of `conveyor_kafka_rebalance_events_total`.
@@ -35,6 +35,10 @@ pub struct Metrics {
     pub stage_duration: HistogramVec,
     pub downstream_requests: IntCounterVec,
     pub downstream_retries: IntCounterVec,
+    /// Seconds attempts waited for a downstream's rate limit or pause.
+    pub downstream_throttled_seconds: CounterVec,
+    /// 429s with `Retry-After` that paused a whole downstream.
+    pub downstream_pauses: IntCounterVec,
     pub batch_orders: Histogram,
     pub batch_commit_duration: Histogram,
     pub batch_commit_retries: IntCounter,
@@ -153,6 +157,20 @@ impl Metrics {
                 ),
                 &["downstream"],
             )?,
+            downstream_throttled_seconds: CounterVec::new(
+                Opts::new(
+                    "downstream_throttled_seconds_total",
+                    "Time attempts waited for the downstream's rate limit or a Retry-After pause.",
+                ),
+                &["downstream"],
+            )?,
+            downstream_pauses: IntCounterVec::new(
+                Opts::new(
+                    "downstream_pauses_total",
+                    "429 answers with Retry-After that paused every call to the downstream.",
+                ),
+                &["downstream"],
+            )?,
             batch_orders: Histogram::with_opts(
                 HistogramOpts::new("batch_orders", "Orders per committed batch.")
                     .buckets(exponential_buckets(1.0, 2.0, 14)?),
@@ -256,6 +274,9 @@ impl Metrics {
             .register(Box::new(m.downstream_requests.clone()))?;
         m.registry
             .register(Box::new(m.downstream_retries.clone()))?;
+        m.registry
+            .register(Box::new(m.downstream_throttled_seconds.clone()))?;
+        m.registry.register(Box::new(m.downstream_pauses.clone()))?;
         m.registry.register(Box::new(m.batch_orders.clone()))?;
         m.registry
             .register(Box::new(m.batch_commit_duration.clone()))?;
@@ -282,6 +303,9 @@ impl Metrics {
         for downstream in ["rule_engine", "payment"] {
             m.circuit_state.with_label_values(&[downstream]).set(0);
             m.downstream_retries.with_label_values(&[downstream]);
+            m.downstream_throttled_seconds
+                .with_label_values(&[downstream]);
+            m.downstream_pauses.with_label_values(&[downstream]);
             m.downstream_requests.with_label_values(&[downstream, "ok"]);
         }
         for outcome in Outcome::ALL {
