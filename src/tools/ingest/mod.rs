@@ -341,11 +341,17 @@ async fn handle_batch(s: &Shared, req: Request) -> Response {
         .orders
         .with_label_values(&["rejected"])
         .inc_by(checked.rejected.len() as u64);
-    if let Err(e) = s
-        .publisher
-        .publish(&checked.valid, cfg.publish_window, cfg.publish_timeout)
-        .await
-    {
+    // A broker known to be unreachable is refused at once: nothing is handed
+    // to a producer queue that would only time out (Kafka), or deliver
+    // after the client was told 503.
+    let published = if !checked.valid.is_empty() && !s.broker_connected.load(Ordering::Relaxed) {
+        Err(publish::Unavailable("the broker is not reachable".into()))
+    } else {
+        s.publisher
+            .publish(&checked.valid, cfg.publish_window, cfg.publish_timeout)
+            .await
+    };
+    if let Err(e) = published {
         s.metrics
             .orders
             .with_label_values(&["unavailable"])
