@@ -248,7 +248,7 @@ fn main() -> ExitCode {
                     .await
                     .map(|()| 0)
             }
-            Command::Export(a) => a.run(&config).await.map(|()| 0),
+            Command::Export(a) => a.run(&config).await,
             Command::Dlq(a) => a.run(&config).await.map(|()| 0),
             Command::Demo(a) => {
                 let ok = conveyor::demo::run(conveyor::demo::DemoArgs {

@@ -1,5 +1,5 @@
-//! `conveyor dlq` on the real RabbitMQ (and, in `dlq_kafka.rs`, on the
-//! mock Kafka cluster): stats and listings by reason, filtered replays that
+//! `conveyor dlq` on the real RabbitMQ (and, in `dlq_kafka.rs`, on both
+//! Kafka brokers): stats and listings by reason, filtered replays that
 //! move messages back to the source queue, poison that comes back to the
 //! dead letters through the daemon, purge behind a confirmation, and a
 //! replay killed with -9 that loses nothing.

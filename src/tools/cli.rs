@@ -49,8 +49,10 @@ pub struct ExportCli {
 }
 
 impl ExportCli {
-    pub async fn run(self, config: &Config) -> anyhow::Result<()> {
-        let n = export::run(
+    /// Returns the exit code: 0, or [`export::EXIT_READER_GONE`] when the
+    /// reader closed the pipe first.
+    pub async fn run(self, config: &Config) -> anyhow::Result<u8> {
+        let done = export::run(
             config,
             ExportArgs {
                 filter: Filter {
@@ -64,10 +66,13 @@ impl ExportCli {
             },
         )
         .await?;
-        if let Some(path) = &self.output {
-            eprintln!("exported {n} orders to {}", path.display());
+        if done.reader_gone {
+            return Ok(export::EXIT_READER_GONE);
         }
-        Ok(())
+        if let Some(path) = &self.output {
+            eprintln!("exported {} orders to {}", done.rows, path.display());
+        }
+        Ok(0)
     }
 }
 

@@ -104,9 +104,28 @@ pub struct ExportArgs {
     pub quiet: bool,
 }
 
-/// Streams the matching orders out; returns the row count. A closed stdout
-/// (`| head`) ends the export, and with it the query.
-pub async fn run(config: &Config, args: ExportArgs) -> anyhow::Result<u64> {
+/// How an export ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exported {
+    /// Rows encoded (with `reader_gone`, not all of them reached the reader).
+    pub rows: u64,
+    /// The reader closed the pipe first (`| head`): the export stopped
+    /// there, and its query with it.
+    pub reader_gone: bool,
+}
+
+/// Exit code of an export whose reader closed the pipe: what a process
+/// killed by SIGPIPE reports (128 + 13), quietly, as `seq | head` does.
+pub const EXIT_READER_GONE: u8 = 141;
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
+/// Streams the matching orders out. A closed stdout (`| head`) ends the
+/// export, and with it the query.
+pub async fn run(config: &Config, args: ExportArgs) -> anyhow::Result<Exported> {
     let store = Store::connect(&config.database).await?;
     let to_terminal = args.output.is_none() && std::io::IsTerminal::is_terminal(&std::io::stdout());
     let bar = if args.quiet || to_terminal || !std::io::IsTerminal::is_terminal(&std::io::stderr())
@@ -154,13 +173,25 @@ pub async fn run(config: &Config, args: ExportArgs) -> anyhow::Result<u64> {
     drop(rows);
     bar.finish_and_clear();
     store.close().await;
-    result?;
+    if let Err(e) = result {
+        if is_broken_pipe(&e) {
+            tracing::debug!(rows = n, "the reader closed the pipe; export stopped");
+            return Ok(Exported {
+                rows: n,
+                reader_gone: true,
+            });
+        }
+        return Err(e);
+    }
     tracing::info!(
         rows = n,
         secs = started.elapsed().as_secs_f64(),
         "export finished"
     );
-    Ok(n)
+    Ok(Exported {
+        rows: n,
+        reader_gone: false,
+    })
 }
 
 #[cfg(test)]

@@ -117,6 +117,26 @@ impl KafkaBroker {
         self.bootstrap.clone()
     }
 
+    /// Takes the broker away (`false`) or gives it back (`true`), its log
+    /// kept. The mock cluster's broker drops every connection and refuses
+    /// new ones; tansu is frozen with SIGSTOP (its memory log would not
+    /// survive a kill), so connections stay open and nothing is answered.
+    pub fn set_reachable(&self, up: bool) {
+        if let Some(mock) = &self.mock {
+            let r = if up {
+                mock.broker_up(1)
+            } else {
+                mock.broker_down(1)
+            };
+            r.expect("mock broker up/down");
+        }
+        if let Some(t) = &self.tansu {
+            use nix::sys::signal::{kill, Signal};
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(t.child.id()).expect("pid"));
+            kill(pid, if up { Signal::SIGCONT } else { Signal::SIGSTOP }).expect("signal tansu");
+        }
+    }
+
     /// The broker's own log (tansu only), for failure messages.
     pub fn log_text(&self) -> String {
         self.tansu

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod kafka;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

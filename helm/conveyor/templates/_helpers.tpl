@@ -138,3 +138,50 @@ default. Call with (dict "table" MAP "path" "").
 {{- fail "keda with a kafka source needs config.kafka.group_id: the lag is read for that consumer group" }}
 {{- end }}
 {{- end }}
+
+{{/*
+The ingest Deployment's names and labels. Its pods carry a name label of
+their own (<name>-ingest), so that the consumer's Deployment, Service and
+PodDisruptionBudget, which select on name and instance, never take them in.
+*/}}
+{{- define "conveyor.ingest.fullname" -}}
+{{- printf "%s-ingest" (include "conveyor.fullname" . | trunc 56 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "conveyor.ingest.selectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-ingest" (include "conveyor.name" . | trunc 56 | trimSuffix "-") }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "conveyor.ingest.labels" -}}
+helm.sh/chart: {{ include "conveyor.chart" . }}
+{{ include "conveyor.ingest.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: ingest
+app.kubernetes.io/part-of: {{ include "conveyor.name" . }}
+{{- end }}
+
+{{/* The ingest pods' grace period: the preStop pause, then the drain. */}}
+{{- define "conveyor.ingest.terminationGracePeriodSeconds" -}}
+{{- add (include "conveyor.terminationGracePeriodSeconds" . | atoi) .Values.ingest.preStopSleepSeconds }}
+{{- end }}
+
+{{/* Passwords from secrets.existingSecret, as CONVEYOR__*__PASSWORD (a list of EnvVar). */}}
+{{- define "conveyor.secretEnv" -}}
+{{- $secret := .Values.secrets.existingSecret }}
+{{- if and $secret .Values.secrets.databasePasswordKey }}
+- name: CONVEYOR__DATABASE__PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ .Values.secrets.databasePasswordKey }}
+{{- end }}
+{{- if and $secret .Values.secrets.rabbitmqPasswordKey (eq (include "conveyor.sourceKind" .) "rabbitmq") }}
+- name: CONVEYOR__RABBITMQ__PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ .Values.secrets.rabbitmqPasswordKey }}
+{{- end }}
+{{- end }}

@@ -2,7 +2,10 @@
 //! *left* the dead-letter topic is what lies below the committed offsets of
 //! a replay consumer group (`<kafka.group_id>.dlq-replay` unless `--group`
 //! says otherwise); `stats`, `list` and `show` read from those offsets to
-//! the end.
+//! the end. The end is where a fetch finds it (partition EOF), not what
+//! ListOffsets says: some brokers answer that short (tansu 0.6 gives one
+//! past the *first* offset of the last record batch), which would hide the
+//! newest dead letters.
 //!
 //! `replay` and `purge` first scan up to the current end and pick the
 //! matching messages (up to `--limit`). Then, per partition, up to its last
@@ -21,6 +24,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
@@ -64,32 +68,29 @@ impl Target {
         c.set("bootstrap.servers", &self.cfg.brokers)
             .set("group.id", &self.group)
             .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "false");
+            .set("enable.auto.offset.store", "false");
         for (k, v) in &self.cfg.properties {
             // The daemon's group settings are not the replay group's.
             if !k.starts_with("group.") && !k.starts_with("enable.auto") {
                 c.set(k, v);
             }
         }
+        // The end of each partition is found by fetching (see the module's
+        // doc); an offset gone by retention restarts at the oldest kept.
+        c.set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest");
         Ok(Arc::new(
             c.create().context("creating the dead-letter consumer")?,
         ))
     }
 }
 
-/// Per partition: where the replay group stands and where the log ends.
-#[derive(Debug, Clone, Copy)]
-struct Span {
-    start: i64,
-    end: i64,
-}
-
-/// The spans of every partition of the dead-letter topic.
-async fn spans(t: &Target, consumer: &Arc<StreamConsumer>) -> anyhow::Result<BTreeMap<i32, Span>> {
+/// Per partition of the dead-letter topic: where the replay group stands
+/// (its committed offset, or the oldest message kept).
+async fn starts(t: &Target, consumer: &Arc<StreamConsumer>) -> anyhow::Result<BTreeMap<i32, i64>> {
     let c = consumer.clone();
     let topic = t.dead_letter_topic.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<BTreeMap<i32, Span>> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<BTreeMap<i32, i64>> {
         let md = c
             .fetch_metadata(Some(&topic), TIMEOUT)
             .with_context(|| format!("reading the metadata of {topic}"))?;
@@ -112,14 +113,14 @@ async fn spans(t: &Target, consumer: &Arc<StreamConsumer>) -> anyhow::Result<BTr
             .context("reading the replay group's committed offsets")?;
         let mut out = BTreeMap::new();
         for e in committed.elements() {
-            let (low, high) = c
+            let (low, _) = c
                 .fetch_watermarks(&topic, e.partition(), TIMEOUT)
                 .with_context(|| format!("reading the watermarks of {topic}/{}", e.partition()))?;
             let start = match e.offset() {
                 Offset::Offset(o) => o.max(low),
                 _ => low,
             };
-            out.insert(e.partition(), Span { start, end: high });
+            out.insert(e.partition(), start);
         }
         Ok(out)
     })
@@ -149,67 +150,81 @@ fn to_letter(m: &rdkafka::message::BorrowedMessage<'_>) -> DeadLetterMsg {
     }
 }
 
-/// Reads every partition from `from[p]` up to (not including) `to[p]`,
-/// calling `each(partition, offset, letter)` in order per partition.
+/// Reads every partition from `from[p]`, calling `each(partition, offset,
+/// letter)` in order per partition: up to (not including) `to[p]` when
+/// `to` is given, else to the end of the log as the fetch finds it.
+/// Returns, per partition, one past the last offset read (its start when
+/// nothing was).
 async fn read_range(
     t: &Target,
     consumer: &Arc<StreamConsumer>,
     from: &BTreeMap<i32, i64>,
-    to: &BTreeMap<i32, i64>,
+    to: Option<&BTreeMap<i32, i64>>,
     mut each: impl AsyncFnMut(i32, i64, DeadLetterMsg) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let bound = |p: i32| to.map(|to| to.get(&p).copied().unwrap_or(0));
+    let mut reached = from.clone();
     let mut tpl = TopicPartitionList::new();
     let mut open: HashSet<i32> = HashSet::new();
     for (&p, &start) in from {
-        let end = to.get(&p).copied().unwrap_or(start);
-        if start < end {
+        if bound(p).is_none_or(|end| start < end) {
             tpl.add_partition_offset(&t.dead_letter_topic, p, Offset::Offset(start))
                 .context("building the assignment")?;
             open.insert(p);
         }
     }
     if open.is_empty() {
-        return Ok(());
+        return Ok(reached);
     }
     consumer
         .assign(&tpl)
         .context("assigning the dead-letter partitions")?;
     while !open.is_empty() {
-        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+        let next = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
             .await
-            .map_err(|_| anyhow::anyhow!("no message from {} for 30 s", t.dead_letter_topic))?
-            .context("reading the dead-letter topic")?;
+            .map_err(|_| anyhow::anyhow!("no message from {} for 30 s", t.dead_letter_topic))?;
+        let m = match next {
+            Ok(m) => m,
+            // The end of the log, for a read that has no bound of its own
+            // (a bounded read ends on its last offset, which exists).
+            Err(KafkaError::PartitionEOF(p)) => {
+                if to.is_none() {
+                    open.remove(&p);
+                }
+                continue;
+            }
+            Err(e) => return Err(e).context("reading the dead-letter topic"),
+        };
         let (p, o) = (m.partition(), m.offset());
         if !open.contains(&p) {
             continue;
         }
-        let end = to.get(&p).copied().unwrap_or(0);
-        if o >= end {
+        if bound(p).is_some_and(|end| o >= end) {
             open.remove(&p);
             continue;
         }
         let letter = to_letter(&m);
         drop(m);
         each(p, o, letter).await?;
-        if o + 1 >= end {
+        reached.insert(p, o + 1);
+        if bound(p).is_some_and(|end| o + 1 >= end) {
             open.remove(&p);
         }
     }
     consumer.unassign().ok();
-    Ok(())
+    Ok(reached)
 }
 
 /// Calls `each` on every dead letter not yet replayed, changing nothing.
 pub async fn browse(t: &Target, mut each: impl FnMut(DeadLetterMsg)) -> anyhow::Result<()> {
     let consumer = t.consumer()?;
-    let spans = spans(t, &consumer).await?;
-    let from = spans.iter().map(|(p, s)| (*p, s.start)).collect();
-    let to = spans.iter().map(|(p, s)| (*p, s.end)).collect();
-    read_range(t, &consumer, &from, &to, async |_, _, m| {
+    let from = starts(t, &consumer).await?;
+    read_range(t, &consumer, &from, None, async |_, _, m| {
         each(m);
         Ok(())
     })
     .await
+    .map(|_| ())
 }
 
 fn headers_of(m: &DeadLetterMsg, replayed: bool) -> OwnedHeaders {
@@ -280,14 +295,12 @@ pub async fn move_matching(
     mut on_moved: impl FnMut(&DeadLetterMsg),
 ) -> anyhow::Result<MoveReport> {
     let consumer = t.consumer()?;
-    let spans = spans(t, &consumer).await?;
-    let from: BTreeMap<i32, i64> = spans.iter().map(|(p, s)| (*p, s.start)).collect();
-    let end: BTreeMap<i32, i64> = spans.iter().map(|(p, s)| (*p, s.end)).collect();
+    let from = starts(t, &consumer).await?;
 
     // The scan: which offsets are picked.
     let mut picked: HashSet<(i32, i64)> = HashSet::new();
     let mut report = MoveReport::default();
-    read_range(t, &consumer, &from, &end, async |p, o, m| {
+    read_range(t, &consumer, &from, None, async |p, o, m| {
         report.examined += 1;
         let under_limit = opts.limit.is_none_or(|l| report.moved < l);
         if under_limit && opts.filter.matches(&m) {
@@ -324,7 +337,7 @@ pub async fn move_matching(
     let mut done: HashMap<i32, i64> = HashMap::new();
     let mut since_commit = 0u64;
     let mut moved = 0u64;
-    read_range(t, &consumer, &from, &to, async |p, o, m| {
+    read_range(t, &consumer, &from, Some(&to), async |p, o, m| {
         if picked.contains(&(p, o)) {
             pace.wait(moved).await;
             if action == Action::Replay {
