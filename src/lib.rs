@@ -7,15 +7,12 @@
 //! drive it without signals.
 
 pub mod config;
-pub mod demo;
 pub mod downstream;
 pub mod notify;
 pub mod order;
 pub mod outcome;
 pub mod pipeline;
-pub mod produce;
 pub mod shutdown;
-pub mod sim;
 pub mod source;
 pub mod store;
 pub mod telemetry;

@@ -8,9 +8,9 @@ use clap::{Parser, Subcommand};
 
 use conveyor::config::Config;
 use conveyor::config::SourceKind;
-use conveyor::produce::{publish_kafka, publish_rabbit, Mix, OrderGen};
-use conveyor::sim::{self, EndpointKnobs, Knobs};
 use conveyor::telemetry;
+use conveyor::tools::produce::{publish_kafka, publish_rabbit, Mix, OrderGen};
+use conveyor::tools::sim::{self, EndpointKnobs, Knobs};
 
 #[derive(Parser)]
 #[command(name = "conveyor", version, about = "Order-pipeline consumer daemon")]
@@ -251,7 +251,7 @@ fn main() -> ExitCode {
             Command::Export(a) => a.run(&config).await,
             Command::Dlq(a) => a.run(&config).await.map(|()| 0),
             Command::Demo(a) => {
-                let ok = conveyor::demo::run(conveyor::demo::DemoArgs {
+                let ok = conveyor::tools::demo::run(conveyor::tools::demo::DemoArgs {
                     orders: a.orders,
                     partitions: a.partitions,
                     latency_ms: a.latency_ms,

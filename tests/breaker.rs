@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::{metric, unacked, wait_for, Env, InProcess};
-use conveyor::produce::{Mix, OrderGen};
-use conveyor::sim::{EndpointKnobs, Knobs};
+use conveyor::tools::produce::{Mix, OrderGen};
+use conveyor::tools::sim::{EndpointKnobs, Knobs};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};

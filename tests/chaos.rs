@@ -41,8 +41,8 @@ use common::{
     close_consumer_connections, metric, ready, unacked, wait_for, Backend, Daemon, Env,
     KafkaBroker, PgOutage, RabbitOutage,
 };
-use conveyor::produce::{Intent, Mix, OrderGen};
-use conveyor::sim::{EndpointKnobs, Knobs};
+use conveyor::tools::produce::{Intent, Mix, OrderGen};
+use conveyor::tools::sim::{EndpointKnobs, Knobs};
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -11,8 +11,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use common::{metric, wait_for, Env, InProcess};
-use conveyor::produce::{Mix, OrderGen};
-use conveyor::sim::Knobs;
+use conveyor::tools::produce::{Mix, OrderGen};
+use conveyor::tools::sim::Knobs;
 use tools_support::{
     dead_letter_headers, order_id, rabbit_put, rabbit_take_all, run_cli, ChildProc,
 };
@@ -25,7 +25,7 @@ fn cli_env(env: &Env) -> Vec<(String, String)> {
 }
 
 async fn declare(env: &Env) {
-    let c = conveyor::produce::connect_rabbit(&env.rabbit())
+    let c = conveyor::tools::produce::connect_rabbit(&env.rabbit())
         .await
         .expect("declare the topology");
     c.close(200, "done".into()).await.ok();

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use common::{metric, wait_for, Backend, Env, InProcess, KafkaBroker};
 use conveyor::config::{Config, SourceKind};
-use conveyor::produce::{Mix, OrderGen};
-use conveyor::sim::Knobs;
+use conveyor::tools::produce::{Mix, OrderGen};
+use conveyor::tools::sim::Knobs;
 use nix::sys::signal::Signal;
 use tools_support::kafka::{kafka_cli_env, kafka_put, kafka_read_all, KafkaLetter};
 use tools_support::{dead_letter_headers, order_id, ChildProc};

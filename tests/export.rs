@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Env;
-use conveyor::sim::Knobs;
+use conveyor::tools::sim::Knobs;
 use tools_support::{binary, ingest_config, Ingest};
 
 /// Stores `n` orders straight into the table: a third each accepted,

@@ -10,9 +10,9 @@ mod tools_support;
 use std::time::{Duration, Instant};
 
 use common::{metric, wait_for, Env, InProcess};
-use conveyor::produce::{Intent, Mix, OrderGen};
-use conveyor::sim::Knobs;
 use conveyor::tools::ingest::BatchAnswer;
+use conveyor::tools::produce::{Intent, Mix, OrderGen};
+use conveyor::tools::sim::Knobs;
 use tools_support::{free_port, ingest_config, json_array, ndjson, post, ChildProc, Ingest, Proxy};
 
 const NDJSON: &str = "application/x-ndjson";

@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use common::{metric, wait_for, Backend, Env, InProcess, KafkaBroker};
 use conveyor::config::{Config, SourceKind};
-use conveyor::produce::{Intent, Mix, OrderGen};
-use conveyor::sim::Knobs;
 use conveyor::tools::ingest::BatchAnswer;
+use conveyor::tools::produce::{Intent, Mix, OrderGen};
+use conveyor::tools::sim::Knobs;
 use nix::sys::signal::Signal;
 use tools_support::kafka::{kafka_cli_env, kafka_read_all};
 use tools_support::{free_port, ingest_config, ndjson, post, ChildProc, Ingest};

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::{metric, wait_for, Backend, Env, InProcess, KafkaBroker};
 use conveyor::config::{Config, SourceKind};
-use conveyor::produce::{Mix, OrderGen};
-use conveyor::sim::Knobs;
+use conveyor::tools::produce::{Mix, OrderGen};
+use conveyor::tools::sim::Knobs;
 
 const CODECS: [&str; 4] = ["gzip", "snappy", "lz4", "zstd"];
 const PER_CODEC: u64 = 200;
@@ -75,7 +75,7 @@ on_both_brokers! {
         let report = member.stop().await;
         assert_eq!(report.received, n, "{report:?}");
         let poison = (0..n)
-            .filter(|i| gen.intent(*i) == conveyor::produce::Intent::Poison)
+            .filter(|i| gen.intent(*i) == conveyor::tools::produce::Intent::Poison)
             .count() as i64;
         assert_eq!(env.rows().await, n as i64 - poison);
         env.check_ledger().await;

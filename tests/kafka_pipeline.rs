@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::{metric, wait_for, Backend, Daemon, Env, InProcess, KafkaBroker};
 use conveyor::config::{Config, SourceKind};
-use conveyor::produce::{Intent, Mix, OrderGen};
-use conveyor::sim::Knobs;
+use conveyor::tools::produce::{Intent, Mix, OrderGen};
+use conveyor::tools::sim::Knobs;
 use nix::sys::signal::Signal;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -153,7 +153,7 @@ on_both_brokers! {
     println!(
         "kafka 10k: {n} orders in {secs:.2} s incl. group join = {:.0} orders/s, peak RSS {} KiB ({report:?})",
         n as f64 / secs,
-        conveyor::demo::peak_rss_kib()
+        conveyor::tools::demo::peak_rss_kib()
     );
     assert_eq!(report.acked, n);
     assert_eq!(env.rows().await, n as i64);

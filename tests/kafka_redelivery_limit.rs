@@ -13,7 +13,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{wait_for, Backend, Daemon, Env, KafkaBroker};
-use conveyor::sim::Knobs;
+use conveyor::tools::sim::Knobs;
 use nix::sys::signal::Signal;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};

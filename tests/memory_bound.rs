@@ -17,7 +17,7 @@ mod common;
 use std::time::Duration;
 
 use common::{metric, wait_for, Daemon, Env};
-use conveyor::sim::{EndpointKnobs, Knobs};
+use conveyor::tools::sim::{EndpointKnobs, Knobs};
 use nix::sys::signal::Signal;
 
 const MIB: u64 = 1024 * 1024;

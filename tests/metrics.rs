@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{wait_for, Daemon, Env};
-use conveyor::produce::{Mix, OrderGen};
-use conveyor::sim::Knobs;
+use conveyor::tools::produce::{Mix, OrderGen};
+use conveyor::tools::sim::Knobs;
 use nix::sys::signal::Signal;
 
 const FAMILIES: &[&str] = &[

@@ -16,8 +16,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::{close_consumer_connections, metric, wait_for, Env, InProcess};
-use conveyor::produce::{Mix, OrderGen};
-use conveyor::sim::Knobs;
+use conveyor::tools::produce::{Mix, OrderGen};
+use conveyor::tools::sim::Knobs;
 
 /// An order body with `id`, `customer`, one item worth `amount` and `extra`
 /// spliced in as more top-level fields (raw JSON text, may be empty).

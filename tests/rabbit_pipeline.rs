@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{metric, unacked, wait_for, Daemon, Env, InProcess};
-use conveyor::produce::{Mix, OrderGen};
-use conveyor::sim::{EndpointKnobs, Knobs};
+use conveyor::tools::produce::{Mix, OrderGen};
+use conveyor::tools::sim::{EndpointKnobs, Knobs};
 use nix::sys::signal::Signal;
 
 /// Runs the daemon in-process until `acked_target` messages are acked, then

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::daemon::free_port;
 use common::tls::{Pki, Terminator};
 use common::{wait_for, Daemon, Env};
-use conveyor::sim::Knobs;
+use conveyor::tools::sim::Knobs;
 use nix::sys::signal::Signal;
 
 /// `conveyor produce --to rabbitmq` with `env`; (success, output).

@@ -8,8 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{metric, wait_for, Env, InProcess};
-use conveyor::produce::{Mix, OrderGen};
-use conveyor::sim::{EndpointKnobs, Knobs};
+use conveyor::tools::produce::{Mix, OrderGen};
+use conveyor::tools::sim::{EndpointKnobs, Knobs};
 
 const NO_MIX: Mix = Mix {
     poison_pct: 0.0,

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use common::{unacked, wait_for, Daemon, Env};
 use conveyor::config::{QueueType, RabbitConfig};
-use conveyor::sim::Knobs;
+use conveyor::tools::sim::Knobs;
 use lapin::options::{BasicGetOptions, BasicRejectOptions};
 use nix::sys::signal::Signal;
 
@@ -56,7 +56,7 @@ async fn a_quorum_queue_is_declared_with_its_limit_and_the_broker_dead_letters_p
         delivery_limit: 2,
         ..rabbit(&env, QueueType::Quorum)
     };
-    let conn = conveyor::produce::connect_rabbit(&cfg)
+    let conn = conveyor::tools::produce::connect_rabbit(&cfg)
         .await
         .expect("declare the quorum topology");
     let listed = common::broker::rabbitmqctl(&[
@@ -78,11 +78,11 @@ async fn a_quorum_queue_is_declared_with_its_limit_and_the_broker_dead_letters_p
     assert!(line.contains("x-dead-letter-exchange"), "{line}");
 
     // Declaring again (a restart, a second replica) accepts the queue as it is.
-    conveyor::produce::connect_rabbit(&cfg)
+    conveyor::tools::produce::connect_rabbit(&cfg)
         .await
         .expect("an existing quorum queue is accepted");
     // A classic declaration of the same queue is refused, naming the key.
-    let err = conveyor::produce::connect_rabbit(&rabbit(&env, QueueType::Classic))
+    let err = conveyor::tools::produce::connect_rabbit(&rabbit(&env, QueueType::Classic))
         .await
         .expect_err("a classic declare of a quorum queue fails");
     assert!(

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use common::broker::rabbitmqctl;
 use common::{binary, metric, wait_for, Daemon, Env};
-use conveyor::produce::{Mix, OrderGen};
-use conveyor::sim::Knobs;
+use conveyor::tools::produce::{Mix, OrderGen};
+use conveyor::tools::sim::Knobs;
 use nix::sys::signal::Signal;
 
 /// One run's secrets: `S3cr3t-<random>-<place>`, so that a search for the

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use conveyor::config::RabbitConfig;
-use conveyor::produce::{publish_rabbit, Mix, OrderGen};
+use conveyor::tools::produce::{publish_rabbit, Mix, OrderGen};
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Connection, ConnectionProperties};

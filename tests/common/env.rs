@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use conveyor::config::{Config, RabbitConfig};
-use conveyor::sim::{self, Knobs, SimHandle};
+use conveyor::tools::sim::{self, Knobs, SimHandle};
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
@@ -122,7 +122,7 @@ impl Env {
     }
 
     pub async fn publish(&self, bodies: impl IntoIterator<Item = Vec<u8>>) -> u64 {
-        conveyor::produce::publish_rabbit(&self.rabbit(), bodies, 500, None, |_| {})
+        conveyor::tools::produce::publish_rabbit(&self.rabbit(), bodies, 500, None, |_| {})
             .await
             .expect("publish")
     }
@@ -134,7 +134,7 @@ impl Env {
         cfg: &RabbitConfig,
         bodies: impl IntoIterator<Item = Vec<u8>>,
     ) -> u64 {
-        conveyor::produce::publish_rabbit(cfg, bodies, 500, None, |_| {})
+        conveyor::tools::produce::publish_rabbit(cfg, bodies, 500, None, |_| {})
             .await
             .expect("publish")
     }
@@ -219,7 +219,7 @@ impl Env {
             ledger.double_charged_orders, 0,
             "an order was charged twice"
         );
-        let by_order: HashMap<&str, &conveyor::sim::LedgerEntry> = ledger
+        let by_order: HashMap<&str, &conveyor::tools::sim::LedgerEntry> = ledger
             .charges
             .iter()
             .map(|e| (e.order_id.as_str(), e))

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conveyor::config::Config;
-use conveyor::produce::OrderGen;
+use conveyor::tools::produce::OrderGen;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -332,10 +332,10 @@ pub async fn rabbit_put(queue: &str, messages: Vec<Letter<'_>>) {
         declare: false,
         ..conveyor::config::RabbitConfig::default()
     };
-    let conn = conveyor::produce::connect_rabbit(&cfg)
+    let conn = conveyor::tools::produce::connect_rabbit(&cfg)
         .await
         .expect("connect");
-    let ch = conveyor::produce::ConfirmChannel::open(&conn)
+    let ch = conveyor::tools::produce::ConfirmChannel::open(&conn)
         .await
         .expect("channel");
     let mut pending = Vec::new();

@@ -14,7 +14,7 @@ use lapin::{Channel, Connection};
 
 use super::{Action, DeadLetterMsg, MoveOpts, MoveReport, Pace, REPLAYED_AT, REPLAYS};
 use crate::config::RabbitConfig;
-use crate::produce::{connect_rabbit, ConfirmChannel};
+use crate::tools::produce::{connect_rabbit, ConfirmChannel};
 
 fn text(v: &AMQPValue) -> String {
     match v {

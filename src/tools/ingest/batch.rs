@@ -146,7 +146,7 @@ fn order_id_of(bytes: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::produce::{Mix, OrderGen};
+    use crate::tools::produce::{Mix, OrderGen};
 
     fn orders(n: u64) -> Vec<Vec<u8>> {
         let g = OrderGen::new("b", Mix::default());

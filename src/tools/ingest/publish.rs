@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::batch::Valid;
 use crate::config::{Config, KafkaConfig, RabbitConfig, SourceKind};
-use crate::produce::{connect_rabbit, ConfirmChannel};
+use crate::tools::produce::{connect_rabbit, ConfirmChannel};
 
 /// The broker cannot take the batch now; the client should retry later.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -25,9 +25,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
 use crate::config::{Config, SourceKind};
-use crate::produce::{Intent, Mix, OrderGen};
-use crate::sim::{self, EndpointKnobs, Knobs};
 use crate::telemetry::{histogram_quantile, Metrics};
+use crate::tools::produce::{Intent, Mix, OrderGen};
+use crate::tools::sim::{self, EndpointKnobs, Knobs};
 
 #[derive(Debug, Clone)]
 pub struct DemoArgs {
