@@ -544,6 +544,34 @@ pub struct DownstreamConfig {
     pub retry: RetryConfig,
     pub breaker: BreakerConfig,
     pub rate_limit: RateLimitConfig,
+    pub retry_budget: RetryBudgetConfig,
+}
+
+/// How much retries may add to a downstream's load: over the last `window`,
+/// at most `ratio` retries per first attempt, plus `min_per_second` (so a
+/// quiet downstream can still retry). A retry over budget waits for room —
+/// backpressure, never a dead letter. Off by default: the breaker already
+/// stops an outage; the budget is for a downstream failing in part under a
+/// load that retries would make worse.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryBudgetConfig {
+    pub enabled: bool,
+    pub ratio: f32,
+    pub min_per_second: u32,
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ratio: 0.2,
+            min_per_second: 10,
+            window: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Most calls per second to one downstream, retries included (0: no
@@ -565,6 +593,7 @@ impl Default for DownstreamConfig {
             retry: RetryConfig::default(),
             breaker: BreakerConfig::default(),
             rate_limit: RateLimitConfig::default(),
+            retry_budget: RetryBudgetConfig::default(),
         }
     }
 }
@@ -579,6 +608,7 @@ impl fmt::Debug for DownstreamConfig {
             retry,
             breaker,
             rate_limit,
+            retry_budget,
         } = self;
         f.debug_struct("DownstreamConfig")
             .field("url", &redact_url(url))
@@ -587,6 +617,7 @@ impl fmt::Debug for DownstreamConfig {
             .field("retry", retry)
             .field("breaker", breaker)
             .field("rate_limit", rate_limit)
+            .field("retry_budget", retry_budget)
             .finish()
     }
 }
@@ -1405,6 +1436,22 @@ impl Config {
                     "must be in 0..=1000000, and needs rate_limit.per_second, got {}",
                     r.burst
                 ),
+            );
+            let rb = &d.retry_budget;
+            check(
+                (0.0..=10.0).contains(&rb.ratio),
+                &format!("{name}.retry_budget.ratio"),
+                format!("must be in 0.0..=10.0, got {}", rb.ratio),
+            );
+            check(
+                rb.min_per_second <= 1_000_000,
+                &format!("{name}.retry_budget.min_per_second"),
+                format!("must be in 0..=1000000, got {}", rb.min_per_second),
+            );
+            check(
+                (Duration::from_secs(1)..=Duration::from_secs(60)).contains(&rb.window),
+                &format!("{name}.retry_budget.window"),
+                format!("must be in 1s..=60s, got {:?}", rb.window),
             );
         }
         check_duration(

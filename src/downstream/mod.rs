@@ -22,7 +22,7 @@ use crate::order::Order;
 use crate::telemetry::Metrics;
 pub use breaker::CircuitBreaker;
 pub use retry::RetryError;
-use throttle::Throttle;
+use throttle::{Throttle, ThrottleMetrics};
 
 /// How one HTTP attempt failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -208,10 +208,16 @@ impl Endpoint {
             cfg: cfg.clone(),
             throttle: Throttle::new(
                 &cfg.rate_limit,
-                metrics
-                    .downstream_throttled_seconds
-                    .with_label_values(&[name]),
-                metrics.downstream_pauses.with_label_values(&[name]),
+                cfg.retry_budget.enabled.then_some(&cfg.retry_budget),
+                ThrottleMetrics {
+                    waited: metrics
+                        .downstream_throttled_seconds
+                        .with_label_values(&[name]),
+                    pauses: metrics.downstream_pauses.with_label_values(&[name]),
+                    refusals: metrics
+                        .downstream_retry_budget_refusals
+                        .with_label_values(&[name]),
+                },
             ),
             metrics,
             breaker: Arc::new(breaker),

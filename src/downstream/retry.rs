@@ -112,9 +112,17 @@ where
     let mut start = Instant::now();
     let mut policy = FullJitter::new(cfg);
     let mut attempts = 0u32;
+    // A first attempt earns retries their budget; so does the first after
+    // an outage paused the order (its retries start over, and a recovery
+    // must not crawl at the budget's floor).
+    let mut fresh = true;
     loop {
-        // Held back by the rate limit or a pause: backpressure, not failure,
-        // so it does not count against `max_elapsed`.
+        // Held back by the retry budget, the rate limit or a pause:
+        // backpressure, not failure, so it does not count against
+        // `max_elapsed`.
+        if !fresh {
+            start += throttle.admit_retry().await;
+        }
         start += throttle.admit().await;
         let permit = match breaker.try_acquire() {
             Some(p) => p,
@@ -123,9 +131,14 @@ where
                 // The outage paused this order; its budget starts over.
                 start = Instant::now();
                 policy.reset();
+                fresh = true;
                 p
             }
         };
+        if fresh {
+            throttle.first_attempt();
+            fresh = false;
+        }
         attempts += 1;
         let res = op().await;
         permit.record(&res);
@@ -177,8 +190,12 @@ mod tests {
     fn unthrottled() -> Throttle {
         Throttle::new(
             &crate::config::RateLimitConfig::default(),
-            prometheus::Counter::new("throttled_test", "test").expect("counter"),
-            prometheus::IntCounter::new("pauses_test", "test").expect("counter"),
+            None,
+            super::super::throttle::ThrottleMetrics {
+                waited: prometheus::Counter::new("throttled_test", "test").expect("counter"),
+                pauses: prometheus::IntCounter::new("pauses_test", "test").expect("counter"),
+                refusals: prometheus::IntCounter::new("refusals_test", "test").expect("counter"),
+            },
         )
     }
 

@@ -21,15 +21,32 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use prometheus::{Counter, IntCounter};
 use tokio::time::Instant;
+use tower::retry::budget::{Budget, TpsBudget};
 
-use crate::config::RateLimitConfig;
+use crate::config::{RateLimitConfig, RetryBudgetConfig};
+
+/// The counters a [`Throttle`] reports into.
+pub struct ThrottleMetrics {
+    /// Seconds attempts spent waiting here.
+    pub waited: Counter,
+    /// 429s with `Retry-After` that paused the downstream.
+    pub pauses: IntCounter,
+    /// Retries that found the budget spent.
+    pub refusals: IntCounter,
+}
 
 /// The longest pause a `Retry-After` can impose: a provider's (or a
 /// proxy's) absurd value must not stop a downstream for hours.
 pub const MAX_PAUSE: Duration = Duration::from_secs(300);
 
+/// How often a retry over budget looks for room again.
+const BUDGET_POLL: Duration = Duration::from_millis(20);
+
 pub struct Throttle {
     limiter: Option<DefaultDirectRateLimiter>,
+    budget: Option<TpsBudget>,
+    /// Retries that found the budget spent and had to wait.
+    refusals: IntCounter,
     clock: DefaultClock,
     paused_until: Mutex<Option<Instant>>,
     /// Seconds attempts spent waiting here.
@@ -39,18 +56,62 @@ pub struct Throttle {
 }
 
 impl Throttle {
-    pub fn new(cfg: &RateLimitConfig, waited: Counter, pauses: IntCounter) -> Self {
+    /// `budget` is `None` when `retry_budget.enabled` is false; its values
+    /// are validated (`Config::validate`) to the ranges `TpsBudget` accepts.
+    pub fn new(
+        cfg: &RateLimitConfig,
+        budget: Option<&RetryBudgetConfig>,
+        metrics: ThrottleMetrics,
+    ) -> Self {
         let limiter = NonZeroU32::new(cfg.per_second).map(|rate| {
             let burst = NonZeroU32::new(cfg.burst).unwrap_or(rate);
             RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
         });
+        let budget = budget.map(|b| {
+            TpsBudget::new(
+                b.window
+                    .clamp(Duration::from_secs(1), Duration::from_secs(60)),
+                b.min_per_second.min(1_000_000),
+                b.ratio.clamp(0.0, 10.0),
+            )
+        });
         Self {
             limiter,
+            budget,
+            refusals: metrics.refusals,
             clock: DefaultClock::default(),
             paused_until: Mutex::new(None),
-            waited,
-            pauses,
+            waited: metrics.waited,
+            pauses: metrics.pauses,
         }
+    }
+
+    /// An order's first attempt (or its first after an outage paused it):
+    /// it earns retries their share of the budget.
+    pub fn first_attempt(&self) {
+        if let Some(b) = &self.budget {
+            b.deposit();
+        }
+    }
+
+    /// Waits until the retry budget has room for one more retry. Returns
+    /// how long it waited.
+    pub async fn admit_retry(&self) -> Duration {
+        let Some(b) = &self.budget else {
+            return Duration::ZERO;
+        };
+        let started = Instant::now();
+        if !b.withdraw() {
+            self.refusals.inc();
+            while !b.withdraw() {
+                tokio::time::sleep(BUDGET_POLL).await;
+            }
+        }
+        let waited = started.elapsed();
+        if !waited.is_zero() {
+            self.waited.inc_by(waited.as_secs_f64());
+        }
+        waited
     }
 
     /// Waits until an attempt may go: past any pause, then for a token.
@@ -96,12 +157,55 @@ impl Throttle {
 mod tests {
     use super::*;
 
+    fn metrics() -> ThrottleMetrics {
+        ThrottleMetrics {
+            waited: Counter::new("waited", "test").expect("counter"),
+            pauses: IntCounter::new("pauses", "test").expect("counter"),
+            refusals: IntCounter::new("refusals", "test").expect("counter"),
+        }
+    }
+
     fn throttle(per_second: u32, burst: u32) -> Throttle {
-        Throttle::new(
-            &RateLimitConfig { per_second, burst },
-            Counter::new("waited", "test").expect("counter"),
-            IntCounter::new("pauses", "test").expect("counter"),
-        )
+        Throttle::new(&RateLimitConfig { per_second, burst }, None, metrics())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_get_their_share_of_first_attempts_then_wait() {
+        let budget = RetryBudgetConfig {
+            enabled: true,
+            ratio: 0.2,
+            min_per_second: 0,
+            window: Duration::from_secs(10),
+        };
+        let t = Throttle::new(&RateLimitConfig::default(), Some(&budget), metrics());
+        for _ in 0..100 {
+            t.first_attempt();
+        }
+        // A fifth of 100 first attempts: about 20 retries go at once, then
+        // one has to wait.
+        let mut at_once = 0;
+        while tokio::time::timeout(Duration::from_millis(1), t.admit_retry())
+            .await
+            .is_ok()
+        {
+            at_once += 1;
+            assert!(at_once < 100, "the budget never ran out");
+        }
+        assert!((15..=25).contains(&at_once), "{at_once} retries at once");
+        assert!(t.refusals.get() >= 1);
+        // A retry over budget waits until more first attempts make room.
+        let t = std::sync::Arc::new(t);
+        let waiting = tokio::spawn({
+            let t = t.clone();
+            async move { t.admit_retry().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "a retry went over budget");
+        for _ in 0..10 {
+            t.first_attempt();
+        }
+        let waited = waiting.await.expect("join");
+        assert!(waited >= Duration::from_millis(100), "{waited:?}");
     }
 
     #[tokio::test]

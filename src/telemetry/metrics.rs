@@ -39,6 +39,8 @@ pub struct Metrics {
     pub downstream_throttled_seconds: CounterVec,
     /// 429s with `Retry-After` that paused a whole downstream.
     pub downstream_pauses: IntCounterVec,
+    /// Retries that found the downstream's retry budget spent and waited.
+    pub downstream_retry_budget_refusals: IntCounterVec,
     pub batch_orders: Histogram,
     pub batch_commit_duration: Histogram,
     pub batch_commit_retries: IntCounter,
@@ -171,6 +173,13 @@ impl Metrics {
                 ),
                 &["downstream"],
             )?,
+            downstream_retry_budget_refusals: IntCounterVec::new(
+                Opts::new(
+                    "downstream_retry_budget_refusals_total",
+                    "Retries that found the downstream's retry budget spent and waited for room.",
+                ),
+                &["downstream"],
+            )?,
             batch_orders: Histogram::with_opts(
                 HistogramOpts::new("batch_orders", "Orders per committed batch.")
                     .buckets(exponential_buckets(1.0, 2.0, 14)?),
@@ -277,6 +286,8 @@ impl Metrics {
         m.registry
             .register(Box::new(m.downstream_throttled_seconds.clone()))?;
         m.registry.register(Box::new(m.downstream_pauses.clone()))?;
+        m.registry
+            .register(Box::new(m.downstream_retry_budget_refusals.clone()))?;
         m.registry.register(Box::new(m.batch_orders.clone()))?;
         m.registry
             .register(Box::new(m.batch_commit_duration.clone()))?;
@@ -306,6 +317,8 @@ impl Metrics {
             m.downstream_throttled_seconds
                 .with_label_values(&[downstream]);
             m.downstream_pauses.with_label_values(&[downstream]);
+            m.downstream_retry_budget_refusals
+                .with_label_values(&[downstream]);
             m.downstream_requests.with_label_values(&[downstream, "ok"]);
         }
         for outcome in Outcome::ALL {

@@ -36,7 +36,10 @@ mod tests {
         sources(&src, &mut files);
         let tools = src.join("tools");
         let main = src.join("main.rs");
-        for f in files.iter().filter(|f| !f.starts_with(&tools) && **f != main) {
+        for f in files
+            .iter()
+            .filter(|f| !f.starts_with(&tools) && **f != main)
+        {
             let text = std::fs::read_to_string(f).expect("read");
             assert!(
                 !text.contains("crate::tools"),
