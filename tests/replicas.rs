@@ -15,7 +15,11 @@
 //! queue is empty with nothing unacknowledged, or every partition's
 //! committed offset is at its log end. Each scenario prints one line,
 //! `scenario=<name> sent=N stored=N dead_lettered=N shares=a/b/c/a' secs=X`,
-//! the shares being each process's acknowledged messages.
+//! the shares being each process's acknowledged messages (a and b just
+//! before their fault, a' the restarted a; redeliveries count again, so on
+//! Kafka they can add up to more than were sent). The rows stored at each
+//! fault are printed too: on the mock cluster a member may work alone until
+//! the others' joins settle, so a fault can come later than its threshold.
 
 mod common;
 
@@ -204,6 +208,7 @@ async fn rabbitmq_three_competing_consumers_survive_kill9_and_sigterm() {
     })
     .await;
     let share_a = acked(&a).await;
+    println!("kill -9 of a at {} rows stored", env.rows().await);
     kill9(&mut a).await;
     let mut a2 = Daemon::start(&env, &[]).await;
 
@@ -212,6 +217,7 @@ async fn rabbitmq_three_competing_consumers_survive_kill9_and_sigterm() {
     })
     .await;
     let share_b = acked(&b).await;
+    println!("SIGTERM of b at {} rows stored", env.rows().await);
     sigterm(&mut b, "b").await;
     all_working(&[&c, &a2]).await;
 
@@ -339,6 +345,7 @@ on_both_brokers! {
     .await;
     let share_a = acked(&a).await;
     let (revoked_b, revoked_c) = (revoked(&b).await, revoked(&c).await);
+    println!("kill -9 of a at {} rows stored", env.rows().await);
     kill9(&mut a).await;
     // The group notices the dead member only when its session times out;
     // the survivors then take its partitions over.
@@ -357,6 +364,7 @@ on_both_brokers! {
     })
     .await;
     let share_b = acked(&b).await;
+    println!("SIGTERM of b at {} rows stored", env.rows().await);
     sigterm(&mut b, "b").await;
     broker
         .produce(&topic, (first..n).map(|i| (gen.order_id(i), body(&gen, i))))
