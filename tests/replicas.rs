@@ -294,12 +294,42 @@ async fn rebalanced(d: &Daemon, event: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
-async fn revoked(d: &Daemon) -> f64 {
-    rebalanced(d, "revoked").await
+async fn assigned(d: &Daemon) -> f64 {
+    rebalanced(d, "assigned").await
 }
 
 on_both_brokers! {
     async fn kafka_three_group_members_survive_kill9_and_sigterm(backend: Backend) {
+        kafka_scenario(backend, None).await
+    }
+}
+
+// Ignored: they find a bug. With cooperative-sticky, a periodic
+// (asynchronous) offset commit that the coordinator refuses during an
+// incremental rebalance ("Specified group generation id is not valid",
+// "Group rebalance in progress"; librdkafka logs COMMITFAIL) is never sent
+// again: conveyor's own "offset commit rejected; resending" never appears,
+// so the commit callback does not report it, and a partition whose backlog
+// was finished meanwhile keeps its committed offset behind the log end for
+// ever (every order stored, ~150 per partition left to be processed again
+// by the next owner, lag never 0). Seen on both brokers; eager rebalances
+// are not affected (the revoke commits synchronously and retries). Run
+// with `cargo test --test replicas -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a refused asynchronous commit during a cooperative rebalance is never resent"]
+async fn kafka_three_cooperative_sticky_members_survive_kill9_and_sigterm_mock() {
+    kafka_scenario(Backend::Mock, Some("cooperative-sticky")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a refused asynchronous commit during a cooperative rebalance is never resent"]
+async fn kafka_three_cooperative_sticky_members_survive_kill9_and_sigterm_tansu() {
+    kafka_scenario(Backend::Tansu, Some("cooperative-sticky")).await
+}
+
+/// The Kafka scenario with librdkafka's default (eager) assignor or
+/// `strategy`.
+async fn kafka_scenario(backend: Backend, strategy: Option<&str>) {
     let started = Instant::now();
     let env = Env::new("replkafka", knobs()).await;
     let broker = KafkaBroker::start(backend).await;
@@ -324,6 +354,13 @@ on_both_brokers! {
     // A killed member holds its partitions until its session times out
     // (3 s here): the whole group waits for it.
     let config = common::kafka_daemon_config_file(&env);
+    if let Some(strategy) = strategy {
+        let mut text = std::fs::read_to_string(&config).expect("the daemon's configuration");
+        text.push_str(&format!(
+            "\"partition.assignment.strategy\" = \"{strategy}\"\n"
+        ));
+        std::fs::write(&config, text).expect("write the daemon's configuration");
+    }
     let vars = [
         ("CONVEYOR_CONFIG", config.as_str()),
         ("CONVEYOR__SOURCE__KIND", "kafka"),
@@ -344,19 +381,22 @@ on_both_brokers! {
     })
     .await;
     let share_a = acked(&a).await;
-    let (revoked_b, revoked_c) = (revoked(&b).await, revoked(&c).await);
+    let before = assigned(&b).await + assigned(&c).await;
     println!("kill -9 of a at {} rows stored", env.rows().await);
     kill9(&mut a).await;
     // The group notices the dead member only when its session times out;
-    // the survivors then take its partitions over.
+    // the survivors then take its partitions over (all partitions
+    // reassigned when eager, only a's when cooperative).
     wait_for("a rebalance after the kill", limit(), || async {
-        revoked(&b).await > revoked_b && revoked(&c).await > revoked_c
+        assigned(&b).await + assigned(&c).await > before
     })
     .await;
     let mut a2 = Daemon::start(&env, &vars).await;
-    wait_for("the restarted member assigned partitions", limit(), || async {
-        rebalanced(&a2, "assigned").await > 0.0
-    })
+    wait_for(
+        "the restarted member assigned partitions",
+        limit(),
+        || async { rebalanced(&a2, "assigned").await > 0.0 },
+    )
     .await;
 
     wait_for("half stored", limit(), || async {
@@ -375,18 +415,31 @@ on_both_brokers! {
         env.rows().await == stored
     })
     .await;
-    wait_for("offsets committed to the log end", limit(), || async {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
         let offsets = broker.committed_and_end(&group, &topic, PARTITIONS).await;
-        offsets.len() == PARTITIONS as usize && offsets.iter().all(|(c, end)| c == end)
-    })
-    .await;
+        if offsets.len() == PARTITIONS as usize && offsets.iter().all(|(c, end)| c == end) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "offsets not committed to the log end in 30 s with every order stored; \
+             (committed, end) per partition: {offsets:?}\nc's log:\n{}\na restarted's log:\n{}",
+            c.log_text(),
+            a2.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let shares = [share_a, share_b, acked(&c).await, acked(&a2).await];
     sigterm(&mut c, "c").await;
     sigterm(&mut a2, "a restarted").await;
     let dead = kafka_dead_letters(&brokers, &dlq, &gen);
-    let name = format!("kafka_three_replicas_{}", backend.name());
+    let name = format!(
+        "kafka_three_replicas_{}_{}",
+        strategy.unwrap_or("eager"),
+        backend.name()
+    );
     verify(&name, &env, &gen, n, &dead, &shares, started).await;
     let _ = std::fs::remove_file(&config);
     env.cleanup().await;
-}
 }
