@@ -18,6 +18,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaRespErr;
 
@@ -196,12 +197,20 @@ impl ConfirmChannel {
     }
 
     /// Persistent JSON message properties, stamped with the publish time
-    /// (the daemon's end-to-end latency starts there).
+    /// (the daemon's end-to-end latency starts there) and, unless `headers`
+    /// carry one already (a replayed dead letter), a fresh W3C `traceparent`
+    /// that the daemon's trace of the order continues.
     pub fn properties(mut headers: FieldTable) -> BasicProperties {
         headers.insert(
             ShortString::from(TIMESTAMP_HEADER),
             AMQPValue::LongLongInt(chrono::Utc::now().timestamp_millis()),
         );
+        if !headers.inner().contains_key("traceparent") {
+            headers.insert(
+                ShortString::from("traceparent"),
+                AMQPValue::LongString(crate::telemetry::traces::new_traceparent().into()),
+            );
+        }
         BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type(ShortString::from("application/json"))
@@ -325,7 +334,14 @@ where
             in_flight.sleep_until(due, &mut on_progress).await?;
         }
         in_flight.make_room(&mut on_progress).await?;
-        let mut record = FutureRecord::to(topic).key(&key).payload(&body);
+        let traceparent = crate::telemetry::traces::new_traceparent();
+        let mut record = FutureRecord::to(topic)
+            .key(&key)
+            .payload(&body)
+            .headers(OwnedHeaders::new().insert(Header {
+                key: "traceparent",
+                value: Some(traceparent.as_bytes()),
+            }));
         let delivery = loop {
             match producer.send_result(record) {
                 Ok(delivery) => break delivery,

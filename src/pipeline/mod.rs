@@ -31,6 +31,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::config::Config;
 use crate::downstream::retry::FullJitter;
@@ -40,7 +41,7 @@ use crate::downstream::{
 use crate::order::{self, Decoded, Digest, Order};
 use crate::source::{AckToken, DeadLetter, Delivery, Position, Settlement};
 use crate::store::{Record, Status, Store, StoredDigests};
-use crate::telemetry::{Health, Metrics};
+use crate::telemetry::{traces, Health, Metrics};
 
 /// Everything the stages share.
 pub struct Context {
@@ -80,6 +81,8 @@ pub(crate) struct Finished {
     pub position: Position,
     /// Where end-to-end latency starts.
     pub origin: Origin,
+    /// `batch wait`, from the outcome to the cut of its batch.
+    pub waiting: tracing::Span,
 }
 
 pub(crate) enum Origin {
@@ -132,6 +135,7 @@ impl InFlight {
                 source_position: position.to_string(),
                 received_at: received_wall,
             },
+            waiting: tracing::info_span!(parent: &token.span, "batch wait"),
             token,
             raw,
             key,
@@ -232,6 +236,7 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
                 let ctx = ctx2.clone();
                 let charge_tx = charge_tx.clone();
                 let finished_tx = finished_tx.clone();
+                let span = tracing::info_span!(parent: &it.token.span, "validate");
                 async move {
                     let verdict = ctx
                         .rules
@@ -255,6 +260,7 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
                         Err(e) => ctx.give_up(it, "validate", e),
                     }
                 }
+                .instrument(span)
             },
         )
     };
@@ -270,6 +276,7 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
             move |it: InFlight| {
                 let ctx = ctx2.clone();
                 let finished_tx = finished_tx.clone();
+                let span = tracing::info_span!(parent: &it.token.span, "charge");
                 async move {
                     let charge = ctx
                         .payments
@@ -291,6 +298,7 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
                         Err(e) => ctx.give_up(it, "charge", e),
                     }
                 }
+                .instrument(span)
             },
         )
     };
@@ -322,8 +330,12 @@ async fn decode_loop(
     let mut decoded: Vec<(Delivery, Decoded)> = Vec::with_capacity(DECODE_BATCH);
     while deliveries.recv_many(&mut waiting, DECODE_BATCH).await > 0 {
         for d in waiting.drain(..) {
-            match order::decode_canonical(&d.body, max) {
-                Ok(order) => decoded.push((d, order)),
+            let decoding = tracing::info_span!(parent: &d.token.span, "decode");
+            match decoding.in_scope(|| order::decode_canonical(&d.body, max)) {
+                Ok(order) => {
+                    traces::identify(&d.token.span, &order.order.order_id);
+                    decoded.push((d, order))
+                }
                 Err(poison) => ctx.dead_letter(DeadLetter {
                     token: d.token,
                     order_id: None,
