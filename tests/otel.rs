@@ -79,7 +79,8 @@ fn names(spans: &[Received]) -> Vec<String> {
         .iter()
         .map(|s| {
             format!(
-                "{} {} parent {}",
+                "{} {} {} parent {}",
+                &hex(&s.span.trace_id)[..8],
                 s.span.name,
                 hex(&s.span.span_id),
                 hex(&s.span.parent_span_id)
@@ -106,11 +107,21 @@ async fn an_order_is_one_trace_from_the_producer_to_the_ack() {
     let extra = otlp_env(&receiver.endpoint());
     let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut daemon = Daemon::start(&env, &extra).await;
-    wait_for("the order's ack span exported", Duration::from_secs(30), || async {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
         let t = receiver.trace(TRACE);
-        !by_name(&t, "ack").is_empty() && !by_name(&t, "process").is_empty()
-    })
-    .await;
+        if !by_name(&t, "ack").is_empty() && !by_name(&t, "process").is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no complete trace after 30 s: {} requests, spans {:#?}; log:\n{}",
+            receiver.requests(),
+            names(&receiver.spans()),
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(env.rows().await, 1);
     let spans = receiver.trace(TRACE);
 

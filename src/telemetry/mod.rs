@@ -26,7 +26,7 @@ pub fn init_tracing(
     otlp: Option<&OtlpConfig>,
     secrets: crate::config::Scrubber,
 ) -> Option<traces::Export> {
-    use tracing_subscriber::filter::{filter_fn, EnvFilter};
+    use tracing_subscriber::filter::{EnvFilter, Targets};
     use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.level))
@@ -48,17 +48,15 @@ pub fn init_tracing(
     } else {
         None
     };
-    // conveyor's own spans, and its warnings as span events; never the
-    // libraries' (the HTTP client of the export itself among them).
+    // conveyor's own spans (and its log lines inside them, as span events);
+    // never the libraries' (the HTTP client of the export itself among them).
+    // A static target filter: its interest is cached per callsite.
     let spans = export.as_ref().map(|e| {
         tracing_opentelemetry::layer()
             .with_tracer(traces::tracer(e))
             .with_location(false)
             .with_threads(false)
-            .with_filter(filter_fn(|m| {
-                m.target().starts_with("conveyor")
-                    && (m.is_span() || *m.level() <= tracing::Level::WARN)
-            }))
+            .with_filter(Targets::new().with_target("conveyor", tracing::Level::INFO))
     });
     // A second init (tests, or `demo` after `simulate`) keeps the first.
     drop(tracing_subscriber::registry().with(logs).with(spans).try_init());
