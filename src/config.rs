@@ -733,7 +733,10 @@ fn serialize_redacted_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Er
     s.serialize_str(&redact_url(url))
 }
 
-fn serialize_redacted_opt_url<S: Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+fn serialize_redacted_opt_url<S: Serializer>(
+    url: &Option<String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     match url {
         Some(url) => s.serialize_some(&redact_url(url)),
         None => s.serialize_none(),
@@ -1339,7 +1342,10 @@ impl Config {
             check(
                 url::Url::parse(endpoint).is_ok_and(|u| matches!(u.scheme(), "http" | "https")),
                 "telemetry.otlp.endpoint",
-                format!("must be an http:// or https:// URL, got {:?}", redact_url(endpoint)),
+                format!(
+                    "must be an http:// or https:// URL, got {:?}",
+                    redact_url(endpoint)
+                ),
             );
         }
         check(
@@ -1375,7 +1381,12 @@ impl Config {
             "telemetry.otlp.batch_size",
             format!("must be in 1..=queue_size, got {}", otlp.batch_size),
         );
-        check_duration(&mut check, "telemetry.otlp.batch_interval", otlp.batch_interval, HOUR);
+        check_duration(
+            &mut check,
+            "telemetry.otlp.batch_interval",
+            otlp.batch_interval,
+            HOUR,
+        );
         check_duration(&mut check, "telemetry.otlp.timeout", otlp.timeout, HOUR);
         if errors.is_empty() {
             Ok(())

@@ -335,13 +335,14 @@ where
         }
         in_flight.make_room(&mut on_progress).await?;
         let traceparent = crate::telemetry::traces::new_traceparent();
-        let mut record = FutureRecord::to(topic)
-            .key(&key)
-            .payload(&body)
-            .headers(OwnedHeaders::new().insert(Header {
-                key: "traceparent",
-                value: Some(traceparent.as_bytes()),
-            }));
+        let mut record =
+            FutureRecord::to(topic)
+                .key(&key)
+                .payload(&body)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "traceparent",
+                    value: Some(traceparent.as_bytes()),
+                }));
         let delivery = loop {
             match producer.send_result(record) {
                 Ok(delivery) => break delivery,

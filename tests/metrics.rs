@@ -82,14 +82,18 @@ async fn a_live_scrape_passes_promtool_and_has_every_family() {
     .await;
     // The queue-depth gauge is refreshed every few seconds; the drain
     // estimate needs two of its samples.
-    wait_for("queue depth and drain time exported", Duration::from_secs(20), || async {
-        common::metric(daemon.http, "conveyor_rabbitmq_queue_messages")
-            .await
-            .is_some()
-            && common::metric(daemon.http, "conveyor_backlog_drain_seconds")
+    wait_for(
+        "queue depth and drain time exported",
+        Duration::from_secs(20),
+        || async {
+            common::metric(daemon.http, "conveyor_rabbitmq_queue_messages")
                 .await
                 .is_some()
-    })
+                && common::metric(daemon.http, "conveyor_backlog_drain_seconds")
+                    .await
+                    .is_some()
+        },
+    )
     .await;
     let text = reqwest::get(format!("{base}/metrics"))
         .await
@@ -114,7 +118,10 @@ async fn a_live_scrape_passes_promtool_and_has_every_family() {
     // The daemon's runtime is tokio's default: a worker per core.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     assert_eq!(value("conveyor_runtime_workers"), cores);
-    assert!(value("conveyor_runtime_alive_tasks") >= 5.0, "stages, source, server");
+    assert!(
+        value("conveyor_runtime_alive_tasks") >= 5.0,
+        "stages, source, server"
+    );
     assert!(value("conveyor_runtime_global_queue_depth") >= 0.0);
     let busy = value("conveyor_runtime_busy_seconds_total");
     let cpu = value("conveyor_process_cpu_seconds_total");

@@ -130,7 +130,11 @@ async fn an_order_is_one_trace_from_the_producer_to_the_ack() {
     let p = &process.span;
     assert_eq!(process.service, "conveyor");
     assert_eq!(p.kind, SpanKind::Consumer as i32);
-    assert_eq!(hex(&p.parent_span_id), PRODUCER_SPAN, "continues the producer");
+    assert_eq!(
+        hex(&p.parent_span_id),
+        PRODUCER_SPAN,
+        "continues the producer"
+    );
     assert_eq!(p.links.len(), 1, "links the producer");
     assert_eq!(hex(&p.links[0].trace_id), TRACE);
     assert_eq!(hex(&p.links[0].span_id), PRODUCER_SPAN);
@@ -143,16 +147,29 @@ async fn an_order_is_one_trace_from_the_producer_to_the_ack() {
     ] {
         assert_eq!(process.str_attr(key).as_deref(), Some(want), "{key}");
     }
-    assert_eq!(process.int_attr("messaging.rabbitmq.message.delivery_tag"), Some(1));
+    assert_eq!(
+        process.int_attr("messaging.rabbitmq.message.delivery_tag"),
+        Some(1)
+    );
     assert!(process.int_attr("messaging.message.body.size").unwrap_or(0) > 50);
 
     // Its children, each once, in the order's life.
     let root = hex(&p.span_id);
     let child = |name: &str| {
         let s = one(&spans, name);
-        assert_eq!(hex(&s.span.parent_span_id), root, "{name} is a child of process");
-        assert!(s.span.start_time_unix_nano >= p.start_time_unix_nano, "{name} starts inside");
-        assert!(s.span.end_time_unix_nano <= p.end_time_unix_nano, "{name} ends inside");
+        assert_eq!(
+            hex(&s.span.parent_span_id),
+            root,
+            "{name} is a child of process"
+        );
+        assert!(
+            s.span.start_time_unix_nano >= p.start_time_unix_nano,
+            "{name} starts inside"
+        );
+        assert!(
+            s.span.end_time_unix_nano <= p.end_time_unix_nano,
+            "{name} ends inside"
+        );
         s
     };
     let decode = child("decode");
@@ -169,7 +186,10 @@ async fn an_order_is_one_trace_from_the_producer_to_the_ack() {
     assert!(wait.span.end_time_unix_nano <= commit.span.start_time_unix_nano);
     assert!(commit.span.end_time_unix_nano <= ack.span.start_time_unix_nano);
     assert_eq!(commit.int_attr("db.operation.batch.size"), Some(1));
-    assert_eq!(commit.str_attr("db.system.name").as_deref(), Some("postgresql"));
+    assert_eq!(
+        commit.str_attr("db.system.name").as_deref(),
+        Some("postgresql")
+    );
 
     // One HTTP client span per downstream call, inside its stage, whose id
     // is the parent the downstream was given.
@@ -177,7 +197,10 @@ async fn an_order_is_one_trace_from_the_producer_to_the_ack() {
     assert_eq!(posts.len(), 2, "{:#?}", names(&spans));
     let ledger = env.sim.ledger();
     for (stage, forwarded) in [
-        (validate, ledger.validate_traceparents.get(&order_id).cloned()),
+        (
+            validate,
+            ledger.validate_traceparents.get(&order_id).cloned(),
+        ),
         (
             charge,
             ledger
@@ -194,8 +217,13 @@ async fn an_order_is_one_trace_from_the_producer_to_the_ack() {
         assert_eq!(post.span.kind, SpanKind::Client as i32);
         assert_eq!(post.int_attr("http.response.status_code"), Some(200));
         assert_eq!(post.int_attr("conveyor.attempt"), Some(1));
-        assert_eq!(post.str_attr("http.request.method").as_deref(), Some("POST"));
-        assert!(post.str_attr("url.full").is_some_and(|u| u.starts_with(&env.sim.url)));
+        assert_eq!(
+            post.str_attr("http.request.method").as_deref(),
+            Some("POST")
+        );
+        assert!(post
+            .str_attr("url.full")
+            .is_some_and(|u| u.starts_with(&env.sim.url)));
         assert_eq!(
             forwarded,
             Some(format!("00-{TRACE}-{}-01", hex(&post.span.span_id))),
@@ -239,16 +267,22 @@ async fn retries_show_as_attempts_with_backoff_between() {
     extra.push(("CONVEYOR__PAYMENT__BREAKER__ENABLED", "false".into()));
     let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut daemon = Daemon::start(&env, &extra).await;
-    wait_for("20 orders acked and exported", Duration::from_secs(60), || async {
-        by_name(&receiver.spans(), "ack").len() >= 20
-    })
+    wait_for(
+        "20 orders acked and exported",
+        Duration::from_secs(60),
+        || async { by_name(&receiver.spans(), "ack").len() >= 20 },
+    )
     .await;
     let spans = receiver.spans();
     let mut by_trace: HashMap<Vec<u8>, Vec<&Received>> = HashMap::new();
     for s in &spans {
         by_trace.entry(s.span.trace_id.clone()).or_default().push(s);
     }
-    assert_eq!(by_trace.len(), 20, "one trace per order (produce stamps a traceparent)");
+    assert_eq!(
+        by_trace.len(),
+        20,
+        "one trace per order (produce stamps a traceparent)"
+    );
     let retried = spans
         .iter()
         .filter(|s| s.span.name == "POST" && s.int_attr("conveyor.attempt") == Some(2))
@@ -266,10 +300,16 @@ async fn retries_show_as_attempts_with_backoff_between() {
             })
             .expect("the first attempt beside it");
         assert_eq!(first.int_attr("http.response.status_code"), Some(503));
-        assert_eq!(first.str_attr("error.type").as_deref(), Some("server_error"));
+        assert_eq!(
+            first.str_attr("error.type").as_deref(),
+            Some("server_error")
+        );
         let backoff = trace
             .iter()
-            .find(|s| s.span.name == "retry backoff" && s.span.parent_span_id == second.span.parent_span_id)
+            .find(|s| {
+                s.span.name == "retry backoff"
+                    && s.span.parent_span_id == second.span.parent_span_id
+            })
             .expect("a retry backoff span between the attempts");
         assert!(first.span.end_time_unix_nano <= backoff.span.start_time_unix_nano);
         assert!(backoff.span.end_time_unix_nano <= second.span.start_time_unix_nano);
@@ -311,11 +351,15 @@ async fn a_dead_collector_costs_dropped_spans_only() {
     })
     .await;
     // 9 spans an order, all dropped (queued ones when they fail, others at the full queue).
-    wait_for("the dropped spans counted", Duration::from_secs(20), || async {
-        common::metric(daemon.http, "conveyor_trace_spans_dropped_total")
-            .await
-            .is_some_and(|d| d >= (N * 9) as f64 * 0.99)
-    })
+    wait_for(
+        "the dropped spans counted",
+        Duration::from_secs(20),
+        || async {
+            common::metric(daemon.http, "conveyor_trace_spans_dropped_total")
+                .await
+                .is_some_and(|d| d >= (N * 9) as f64 * 0.99)
+        },
+    )
     .await;
     assert_eq!(
         common::metric(daemon.http, "conveyor_trace_spans_exported_total").await,
@@ -334,7 +378,10 @@ async fn a_dead_collector_costs_dropped_spans_only() {
     daemon.signal(Signal::SIGTERM);
     let (code, drain) = daemon.wait(Duration::from_secs(15)).await;
     assert_eq!(code, Some(0));
-    assert!(drain < Duration::from_secs(8), "the export flush is bounded: {drain:?}");
+    assert!(
+        drain < Duration::from_secs(8),
+        "the export flush is bounded: {drain:?}"
+    );
     env.check_ledger().await;
     env.cleanup().await;
 }

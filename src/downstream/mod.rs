@@ -238,11 +238,15 @@ impl Endpoint {
             || {
                 attempt += 1;
                 // The HTTP client span of this attempt, inside the stage's.
-                let span = tracing::info_span!("POST", otel.kind = "client",
-                    downstream = self.name, conveyor.attempt = attempt,
+                let span = tracing::info_span!(
+                    "POST",
+                    otel.kind = "client",
+                    downstream = self.name,
+                    conveyor.attempt = attempt,
                     http.response.status_code = tracing::field::Empty,
                     "error.type" = tracing::field::Empty,
-                    otel.status_code = tracing::field::Empty);
+                    otel.status_code = tracing::field::Empty
+                );
                 if !span.is_disabled() {
                     self.describe(&span, attempt);
                 }

@@ -149,7 +149,10 @@ where
         }
         on_retry(&err, wait);
         tokio::time::sleep(wait)
-            .instrument(tracing::info_span!("retry backoff", wait_ms = wait.as_millis() as u64))
+            .instrument(tracing::info_span!(
+                "retry backoff",
+                wait_ms = wait.as_millis() as u64
+            ))
             .await;
     }
 }

@@ -59,6 +59,11 @@ pub fn init_tracing(
             .with_filter(Targets::new().with_target("conveyor", tracing::Level::INFO))
     });
     // A second init (tests, or `demo` after `simulate`) keeps the first.
-    drop(tracing_subscriber::registry().with(logs).with(spans).try_init());
+    drop(
+        tracing_subscriber::registry()
+            .with(logs)
+            .with(spans)
+            .try_init(),
+    );
     export
 }

@@ -311,7 +311,10 @@ pub fn process_span(
     span.set_attribute("messaging.message.body.size", body_size as i64);
     match position {
         Position::Rabbit { delivery_tag, .. } => {
-            span.set_attribute("messaging.rabbitmq.message.delivery_tag", *delivery_tag as i64);
+            span.set_attribute(
+                "messaging.rabbitmq.message.delivery_tag",
+                *delivery_tag as i64,
+            );
         }
         Position::Kafka {
             partition, offset, ..
@@ -377,7 +380,10 @@ mod tests {
     fn traces_url_appends_the_signal_path_once() {
         assert_eq!(traces_url("http://c:4318"), "http://c:4318/v1/traces");
         assert_eq!(traces_url("http://c:4318/"), "http://c:4318/v1/traces");
-        assert_eq!(traces_url("http://c:4318/v1/traces"), "http://c:4318/v1/traces");
+        assert_eq!(
+            traces_url("http://c:4318/v1/traces"),
+            "http://c:4318/v1/traces"
+        );
     }
 
     #[test]
@@ -387,7 +393,9 @@ mod tests {
             assert!(crate::downstream::traceparent_header(&tp).is_some(), "{tp}");
             assert!(producer_context(&tp).is_some(), "{tp}");
         }
-        assert!(producer_context("00-00000000000000000000000000000000-0000000000000000-01").is_none());
+        assert!(
+            producer_context("00-00000000000000000000000000000000-0000000000000000-01").is_none()
+        );
         assert!(producer_context("garbage").is_none());
     }
 }

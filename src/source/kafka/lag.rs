@@ -92,7 +92,9 @@ pub(super) fn refresh_lag(src: &KafkaSource) -> tokio::task::JoinHandle<()> {
             }
         }
         for (topic, lag) in backlog {
-            metrics.drain.backlog(&Destination::Topic(topic.to_string()), lag);
+            metrics
+                .drain
+                .backlog(&Destination::Topic(topic.to_string()), lag);
         }
     })
 }
