@@ -2287,4 +2287,52 @@ mod tests {
         .expect_err("missing file");
         assert_eq!(err.key, "database.password_file");
     }
+
+    #[test]
+    fn otlp_headers_are_secrets_and_bad_values_name_their_key() {
+        let cfg = Config::load_with_env(
+            None,
+            Some(env(&[
+                (
+                    "CONVEYOR__TELEMETRY__OTLP__ENDPOINT",
+                    "http://collector:4318",
+                ),
+                ("CONVEYOR__TELEMETRY__OTLP__SAMPLE_RATIO", "0.25"),
+                (
+                    "CONVEYOR__TELEMETRY__OTLP__HEADERS__X-API-KEY",
+                    "hunter2-otlp",
+                ),
+            ])),
+        )
+        .expect("valid");
+        let otlp = &cfg.telemetry.otlp;
+        assert_eq!(otlp.endpoint.as_deref(), Some("http://collector:4318"));
+        assert_eq!(otlp.sample_ratio, Some(0.25));
+        assert_eq!(
+            otlp.headers.get("x-api-key").map(Secret::expose),
+            Some("hunter2-otlp")
+        );
+        let shown = cfg.to_redacted_toml();
+        assert!(!shown.contains("hunter2-otlp"), "{shown}");
+        assert!(shown.contains("[redacted]"), "{shown}");
+        assert_eq!(cfg.scrubber().scrub("key hunter2-otlp"), "key [redacted]");
+
+        let mut bad = Config::default();
+        bad.telemetry.otlp.endpoint = Some("collector:4318".into());
+        bad.telemetry.otlp.protocol = "grpc".into();
+        bad.telemetry.otlp.sample_ratio = Some(1.5);
+        bad.telemetry.otlp.batch_size = bad.telemetry.otlp.queue_size + 1;
+        let Err(ConfigError::Invalid(errors)) = bad.validate() else {
+            panic!("invalid OTLP settings accepted");
+        };
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        for key in [
+            "telemetry.otlp.endpoint",
+            "telemetry.otlp.protocol",
+            "telemetry.otlp.sample_ratio",
+            "telemetry.otlp.batch_size",
+        ] {
+            assert!(keys.contains(&key), "{key} not in {keys:?}");
+        }
+    }
 }
