@@ -653,6 +653,13 @@ pub struct TelemetryConfig {
 /// here or in `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT`
 /// (`OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none` turn it off again).
 /// A key set here wins over its `OTEL_*` variable, as in the OpenTelemetry SDKs.
+/// Read from the environment as the SDK does: `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`,
+/// `OTEL_EXPORTER_OTLP_(TRACES_)HEADERS`, `OTEL_SERVICE_NAME`,
+/// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER(_ARG)`, `OTEL_SDK_DISABLED`.
+/// Not read: `OTEL_BSP_*` and `OTEL_EXPORTER_OTLP_TIMEOUT` (conveyor's own
+/// bounded export queue replaces the SDK's batch processor: `queue_size`,
+/// `batch_size`, `batch_interval`, `timeout`) and `OTEL_EXPORTER_OTLP_PROTOCOL`
+/// (always `http/protobuf`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OtlpConfig {
