@@ -99,15 +99,24 @@ impl Export {
 /// daemon's tokio runtime (the task is spawned on it).
 pub fn init(cfg: &OtlpConfig) -> anyhow::Result<Export> {
     use opentelemetry_otlp::{Protocol, WithExportConfig as _, WithHttpConfig as _};
+    // The SDK's order (OTEL_SERVICE_NAME, then service.name in
+    // OTEL_RESOURCE_ATTRIBUTES), with the configuration first and
+    // `conveyor` instead of `unknown_service` last.
+    let in_attributes = env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| {
+        a.split(',')
+            .any(|kv| kv.trim().starts_with("service.name="))
+    });
     let service = cfg
         .service_name
         .clone()
         .or_else(|| env("OTEL_SERVICE_NAME"))
-        .unwrap_or_else(|| "conveyor".into());
-    let resource = Resource::builder()
-        .with_service_name(service)
-        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
-        .build();
+        .or_else(|| (!in_attributes).then(|| "conveyor".into()));
+    let mut resource = Resource::builder()
+        .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+    if let Some(service) = service {
+        resource = resource.with_service_name(service);
+    }
+    let resource = resource.build();
     let http = reqwest::Client::builder()
         .timeout(cfg.timeout)
         .connect_timeout(cfg.timeout)
