@@ -197,20 +197,12 @@ impl ConfirmChannel {
     }
 
     /// Persistent JSON message properties, stamped with the publish time
-    /// (the daemon's end-to-end latency starts there) and, unless `headers`
-    /// carry one already (a replayed dead letter), a fresh W3C `traceparent`
-    /// that the daemon's trace of the order continues.
+    /// (the daemon's end-to-end latency starts there).
     pub fn properties(mut headers: FieldTable) -> BasicProperties {
         headers.insert(
             ShortString::from(TIMESTAMP_HEADER),
             AMQPValue::LongLongInt(chrono::Utc::now().timestamp_millis()),
         );
-        if !headers.inner().contains_key("traceparent") {
-            headers.insert(
-                ShortString::from("traceparent"),
-                AMQPValue::LongString(crate::telemetry::traces::new_traceparent().into()),
-            );
-        }
         BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type(ShortString::from("application/json"))
@@ -292,7 +284,13 @@ where
             in_flight.sleep_until(due, &mut on_progress).await?;
         }
         in_flight.make_room(&mut on_progress).await?;
-        let props = ConfirmChannel::properties(FieldTable::default());
+        // A fresh W3C trace context that the daemon's trace of the order continues.
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from("traceparent"),
+            AMQPValue::LongString(crate::telemetry::traces::new_traceparent().into()),
+        );
+        let props = ConfirmChannel::properties(headers);
         let confirm = channel.publish("", &cfg.queue, &body, props).await?;
         in_flight.push(confirm);
         sent += 1;

@@ -374,7 +374,7 @@ pub fn traceparent_of(span: &Span) -> Option<String> {
 }
 
 /// A fresh root `traceparent` (sampled), for producers that start a trace:
-/// `conveyor produce` and `ingest` stamp one on each message.
+/// `conveyor produce` (both brokers) and `ingest` (Kafka) stamp one on each message.
 pub fn new_traceparent() -> String {
     let trace: u128 = rand::random::<u128>().max(1);
     let span: u64 = rand::random::<u64>().max(1);
