@@ -30,6 +30,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub log: LogConfig,
     pub ingest: IngestConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -789,6 +790,73 @@ impl Default for LogConfig {
     }
 }
 
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    pub otlp: OtlpConfig,
+}
+
+/// Trace export over OTLP/HTTP (protobuf), off unless an endpoint is given
+/// here or in `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` / `OTEL_EXPORTER_OTLP_ENDPOINT`
+/// (`OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none` turn it off again).
+/// A key set here wins over its `OTEL_*` variable, as in the OpenTelemetry SDKs.
+/// Read from the environment as the SDK does: `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`,
+/// `OTEL_EXPORTER_OTLP_(TRACES_)HEADERS`, `OTEL_SERVICE_NAME`,
+/// `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER(_ARG)`, `OTEL_SDK_DISABLED`.
+/// Not read: `OTEL_BSP_*` and `OTEL_EXPORTER_OTLP_TIMEOUT` (conveyor's own
+/// bounded export queue replaces the SDK's batch processor: `queue_size`,
+/// `batch_size`, `batch_interval`, `timeout`) and `OTEL_EXPORTER_OTLP_PROTOCOL`
+/// (always `http/protobuf`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtlpConfig {
+    /// Collector base URL, e.g. `http://127.0.0.1:4318`; spans go to
+    /// `{endpoint}/v1/traces` (a URL already ending in `/v1/traces` is used as
+    /// it is). Unset: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, then
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`, else no export.
+    #[serde(serialize_with = "serialize_redacted_opt_url")]
+    pub endpoint: Option<String>,
+    /// `http/protobuf`, the one OTLP transport this build speaks.
+    pub protocol: String,
+    /// Extra request headers (an API key, `authorization`). Secret: redacted
+    /// wherever the configuration is shown; added to by `OTEL_EXPORTER_OTLP_HEADERS`.
+    pub headers: std::collections::BTreeMap<String, Secret>,
+    /// Share of orders traced, 0..=1, decided by trace id (so every service
+    /// sampling by ratio keeps or drops the same traces). Unset: the SDK's
+    /// `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`, by default all.
+    pub sample_ratio: Option<f64>,
+    /// `service.name` of the spans. Unset: `OTEL_SERVICE_NAME`, else `conveyor`.
+    pub service_name: Option<String>,
+    /// Finished spans waiting for export at most; more are dropped and
+    /// counted in `conveyor_trace_spans_dropped_total`, so a slow or dead
+    /// collector never holds up or grows the daemon.
+    pub queue_size: usize,
+    /// Spans per export request at most.
+    pub batch_size: usize,
+    /// Longest a finished span waits before its batch is sent.
+    #[serde(with = "humantime_serde")]
+    pub batch_interval: Duration,
+    /// Per export request; a batch that times out is dropped and counted.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            protocol: "http/protobuf".into(),
+            headers: Default::default(),
+            sample_ratio: None,
+            service_name: None,
+            queue_size: 4096,
+            batch_size: 512,
+            batch_interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 /// A secret value: never printed, whether through `Debug` or serialization.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -817,6 +885,16 @@ impl Serialize for Secret {
 
 fn serialize_redacted_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&redact_url(url))
+}
+
+fn serialize_redacted_opt_url<S: Serializer>(
+    url: &Option<String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => s.serialize_some(&redact_url(url)),
+        None => s.serialize_none(),
+    }
 }
 
 /// What stands in for a secret wherever the configuration is shown.
@@ -1020,6 +1098,16 @@ impl Config {
             &self.payment.url,
         ] {
             secrets.extend(url_secrets(raw));
+        }
+        secrets.extend(
+            self.telemetry
+                .otlp
+                .headers
+                .values()
+                .map(|v| v.expose().to_string()),
+        );
+        if let Some(endpoint) = &self.telemetry.otlp.endpoint {
+            secrets.extend(url_secrets(endpoint));
         }
         for (key, value) in &self.kafka.properties {
             if !is_secret_name(key) {
@@ -1463,6 +1551,57 @@ impl Config {
         if let Err(e) = check_log_filter(&self.log.level) {
             check(false, "log.level", e);
         }
+        let otlp = &self.telemetry.otlp;
+        if let Some(endpoint) = &otlp.endpoint {
+            check(
+                url::Url::parse(endpoint).is_ok_and(|u| matches!(u.scheme(), "http" | "https")),
+                "telemetry.otlp.endpoint",
+                format!(
+                    "must be an http:// or https:// URL, got {:?}",
+                    redact_url(endpoint)
+                ),
+            );
+        }
+        check(
+            otlp.protocol == "http/protobuf",
+            "telemetry.otlp.protocol",
+            format!(
+                "must be http/protobuf (the one OTLP transport of this build), got {:?}",
+                otlp.protocol
+            ),
+        );
+        if let Some(r) = otlp.sample_ratio {
+            check(
+                (0.0..=1.0).contains(&r),
+                "telemetry.otlp.sample_ratio",
+                format!("must be in 0..=1, got {r}"),
+            );
+        }
+        for (name, value) in &otlp.headers {
+            check(
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_ok()
+                    && reqwest::header::HeaderValue::from_str(value.expose()).is_ok(),
+                "telemetry.otlp.headers",
+                format!("{name:?} is not a valid HTTP header name and value"),
+            );
+        }
+        check(
+            (1..=1_000_000).contains(&otlp.queue_size),
+            "telemetry.otlp.queue_size",
+            format!("must be in 1..=1000000, got {}", otlp.queue_size),
+        );
+        check(
+            (1..=otlp.queue_size.max(1)).contains(&otlp.batch_size),
+            "telemetry.otlp.batch_size",
+            format!("must be in 1..=queue_size, got {}", otlp.batch_size),
+        );
+        check_duration(
+            &mut check,
+            "telemetry.otlp.batch_interval",
+            otlp.batch_interval,
+            HOUR,
+        );
+        check_duration(&mut check, "telemetry.otlp.timeout", otlp.timeout, HOUR);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -2401,5 +2540,53 @@ mod tests {
         )
         .expect_err("missing file");
         assert_eq!(err.key, "database.password_file");
+    }
+
+    #[test]
+    fn otlp_headers_are_secrets_and_bad_values_name_their_key() {
+        let cfg = Config::load_with_env(
+            None,
+            Some(env(&[
+                (
+                    "CONVEYOR__TELEMETRY__OTLP__ENDPOINT",
+                    "http://collector:4318",
+                ),
+                ("CONVEYOR__TELEMETRY__OTLP__SAMPLE_RATIO", "0.25"),
+                (
+                    "CONVEYOR__TELEMETRY__OTLP__HEADERS__X-API-KEY",
+                    "hunter2-otlp",
+                ),
+            ])),
+        )
+        .expect("valid");
+        let otlp = &cfg.telemetry.otlp;
+        assert_eq!(otlp.endpoint.as_deref(), Some("http://collector:4318"));
+        assert_eq!(otlp.sample_ratio, Some(0.25));
+        assert_eq!(
+            otlp.headers.get("x-api-key").map(Secret::expose),
+            Some("hunter2-otlp")
+        );
+        let shown = cfg.to_redacted_toml();
+        assert!(!shown.contains("hunter2-otlp"), "{shown}");
+        assert!(shown.contains("[redacted]"), "{shown}");
+        assert_eq!(cfg.scrubber().scrub("key hunter2-otlp"), "key [redacted]");
+
+        let mut bad = Config::default();
+        bad.telemetry.otlp.endpoint = Some("collector:4318".into());
+        bad.telemetry.otlp.protocol = "grpc".into();
+        bad.telemetry.otlp.sample_ratio = Some(1.5);
+        bad.telemetry.otlp.batch_size = bad.telemetry.otlp.queue_size + 1;
+        let Err(ConfigError::Invalid(errors)) = bad.validate() else {
+            panic!("invalid OTLP settings accepted");
+        };
+        let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+        for key in [
+            "telemetry.otlp.endpoint",
+            "telemetry.otlp.protocol",
+            "telemetry.otlp.sample_ratio",
+            "telemetry.otlp.batch_size",
+        ] {
+            assert!(keys.contains(&key), "{key} not in {keys:?}");
+        }
     }
 }

@@ -219,7 +219,6 @@ fn main() -> ExitCode {
     // Libraries' words reach the log and a fatal error, and some quote the
     // value they refused: whatever is printed is scrubbed of every secret.
     let scrubber = config.scrubber();
-    telemetry::init_tracing(&log, scrubber.clone());
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -229,6 +228,12 @@ fn main() -> ExitCode {
             eprintln!("conveyor: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
+    };
+    // Traces are the daemon's; the other commands log only.
+    let otlp = matches!(cli.command, Command::Run).then(|| config.telemetry.otlp.clone());
+    let export = {
+        let _in_runtime = runtime.enter();
+        telemetry::init_tracing(&log, otlp.as_ref(), scrubber.clone())
     };
     let result = runtime.block_on(async move {
         match cli.command {
@@ -274,6 +279,9 @@ fn main() -> ExitCode {
             }
         }
     });
+    if let Some(export) = export {
+        runtime.block_on(export.shutdown(std::time::Duration::from_secs(5)));
+    }
     // Do not wait for stray tasks (a hung HTTP call past the drain deadline).
     runtime.shutdown_background();
     match result {

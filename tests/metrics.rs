@@ -32,7 +32,35 @@ const FAMILIES: &[&str] = &[
     "conveyor_rabbitmq_queue_messages",
     "conveyor_ready",
     "conveyor_broker_errors_total",
+    "conveyor_runtime_workers",
+    "conveyor_runtime_alive_tasks",
+    "conveyor_runtime_global_queue_depth",
+    "conveyor_runtime_busy_seconds_total",
+    "conveyor_runtime_worker_parks_total",
+    "conveyor_process_cpu_seconds_total",
+    "conveyor_process_resident_memory_bytes",
+    "conveyor_process_open_fds",
+    "conveyor_backlog_drain_seconds",
+    "conveyor_trace_spans_dropped_total",
 ];
+
+/// promtool: on PATH (scripts/services and scripts/check-deploy install
+/// Debian's `prometheus`), else in target/tools/bin.
+fn promtool() -> std::path::PathBuf {
+    let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin/promtool");
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("promtool"))
+        .chain([local])
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "promtool not found on PATH nor in target/tools/bin: run scripts/check-deploy \
+                 (or apt-get install prometheus) before this test"
+            )
+        })
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_scrape_passes_promtool_and_has_every_family() {
@@ -52,12 +80,20 @@ async fn a_live_scrape_passes_promtool_and_has_every_family() {
         common::metric(daemon.http, "conveyor_messages_acked_total").await == Some(500.0)
     })
     .await;
-    // The queue-depth gauge is refreshed every few seconds.
-    wait_for("queue depth exported", Duration::from_secs(15), || async {
-        common::metric(daemon.http, "conveyor_rabbitmq_queue_messages")
-            .await
-            .is_some()
-    })
+    // The queue-depth gauge is refreshed every few seconds; the drain
+    // estimate needs two of its samples.
+    wait_for(
+        "queue depth and drain time exported",
+        Duration::from_secs(20),
+        || async {
+            common::metric(daemon.http, "conveyor_rabbitmq_queue_messages")
+                .await
+                .is_some()
+                && common::metric(daemon.http, "conveyor_backlog_drain_seconds")
+                    .await
+                    .is_some()
+        },
+    )
     .await;
     let text = reqwest::get(format!("{base}/metrics"))
         .await
@@ -72,7 +108,41 @@ async fn a_live_scrape_passes_promtool_and_has_every_family() {
         );
     }
 
-    let mut promtool = Command::new("promtool")
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no sample of {name} in:\n{text}"))
+    };
+    // The daemon's runtime is tokio's default: a worker per core.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    assert_eq!(value("conveyor_runtime_workers"), cores);
+    assert!(
+        value("conveyor_runtime_alive_tasks") >= 5.0,
+        "stages, source, server"
+    );
+    assert!(value("conveyor_runtime_global_queue_depth") >= 0.0);
+    let busy = value("conveyor_runtime_busy_seconds_total");
+    let cpu = value("conveyor_process_cpu_seconds_total");
+    // (The process collector counts CPU in whole seconds: 0 is possible here.)
+    assert!(busy > 0.0 && cpu >= 0.0, "busy {busy} s, cpu {cpu} s");
+    assert!(value("conveyor_runtime_worker_parks_total") > 0.0);
+    let rss = value("conveyor_process_resident_memory_bytes");
+    assert!((1e6..2e9).contains(&rss), "rss {rss}");
+    let fds = value("conveyor_process_open_fds");
+    assert!((5.0..1000.0).contains(&fds), "fds {fds}");
+    // Everything is acked and the queue is empty: nothing left to drain.
+    assert!(
+        text.contains(&format!(
+            "conveyor_backlog_drain_seconds{{queue=\"{}\",topic=\"\"}} 0",
+            env.queue
+        )),
+        "drain time of an empty queue:\n{text}"
+    );
+    assert_eq!(value("conveyor_trace_spans_dropped_total"), 0.0);
+
+    let mut promtool = Command::new(promtool())
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

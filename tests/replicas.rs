@@ -27,8 +27,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use common::{metric, unacked, wait_for, Backend, Daemon, Env, KafkaBroker};
-use conveyor::produce::{Intent, Mix, OrderGen};
-use conveyor::sim::{EndpointKnobs, Knobs};
+use conveyor::tools::produce::{Intent, Mix, OrderGen};
+use conveyor::tools::sim::{EndpointKnobs, Knobs};
 use nix::sys::signal::Signal;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};

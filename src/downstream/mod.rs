@@ -16,6 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument as _;
 
 use crate::config::DownstreamConfig;
 use crate::order::Order;
@@ -246,11 +247,26 @@ impl Endpoint {
             }
             header
         });
+        let mut attempt = 0u32;
         retry::retry(
             &self.cfg.retry,
             &self.breaker,
             &self.throttle,
             || {
+                attempt += 1;
+                // The HTTP client span of this attempt, inside the stage's.
+                let span = tracing::info_span!(
+                    "POST",
+                    otel.kind = "client",
+                    downstream = self.name,
+                    conveyor.attempt = attempt,
+                    http.response.status_code = tracing::field::Empty,
+                    "error.type" = tracing::field::Empty,
+                    otel.status_code = tracing::field::Empty
+                );
+                if !span.is_disabled() {
+                    self.describe(&span, attempt);
+                }
                 let mut req = self
                     .http
                     .post(&self.url)
@@ -259,14 +275,22 @@ impl Endpoint {
                 if let Some(key) = idempotency_key {
                     req = req.header("Idempotency-Key", key);
                 }
-                if let Some(tp) = &traceparent {
+                // Exported traces: the downstream's spans become children
+                // of this attempt's; else the message's context goes on.
+                let own = crate::telemetry::traces::traceparent_of(&span)
+                    .and_then(|tp| HeaderValue::from_str(&tp).ok());
+                if let Some(tp) = own.as_ref().or(traceparent.as_ref()) {
                     req = req.header("traceparent", tp.clone());
                 }
                 let ok = ok.clone();
                 async move {
                     let res = call::<T>(req).await;
+                    let span = tracing::Span::current();
                     match &res {
-                        Ok(_) => ok.inc(),
+                        Ok(_) => {
+                            span.record("http.response.status_code", 200u64);
+                            ok.inc()
+                        }
                         Err(e) => {
                             if let CallError::Status {
                                 status: 429,
@@ -276,6 +300,11 @@ impl Endpoint {
                             {
                                 self.throttle.pause(*wait);
                             }
+                            if let CallError::Status { status, .. } = e {
+                                span.record("http.response.status_code", u64::from(*status));
+                            }
+                            span.record("error.type", e.result_label());
+                            span.record("otel.status_code", "ERROR");
                             self.metrics
                                 .downstream_requests
                                 .with_label_values(&[self.name, e.result_label()])
@@ -284,6 +313,7 @@ impl Endpoint {
                     }
                     res
                 }
+                .instrument(span)
             },
             |err, wait| {
                 self.metrics
@@ -294,6 +324,26 @@ impl Endpoint {
             },
         )
         .await
+    }
+}
+
+impl Endpoint {
+    /// The HTTP attributes of an attempt's span (exported traces only).
+    fn describe(&self, span: &tracing::Span, attempt: u32) {
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        span.set_attribute("http.request.method", "POST");
+        span.set_attribute("url.full", crate::config::redact_url(&self.url));
+        if let Ok(url) = url::Url::parse(&self.url) {
+            if let Some(host) = url.host_str() {
+                span.set_attribute("server.address", host.to_string());
+            }
+            if let Some(port) = url.port_or_known_default() {
+                span.set_attribute("server.port", i64::from(port));
+            }
+        }
+        if attempt > 1 {
+            span.set_attribute("http.request.resend_count", i64::from(attempt - 1));
+        }
     }
 }
 

@@ -28,6 +28,7 @@ use std::time::Duration;
 use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::breaker::CircuitBreaker;
 use super::throttle::Throttle;
@@ -127,7 +128,10 @@ where
         let permit = match breaker.try_acquire() {
             Some(p) => p,
             None => {
-                let p = breaker.acquire().await;
+                let p = breaker
+                    .acquire()
+                    .instrument(tracing::info_span!("circuit breaker wait"))
+                    .await;
                 // The outage paused this order; its budget starts over.
                 start = Instant::now();
                 policy.reset();
@@ -162,7 +166,12 @@ where
             });
         }
         on_retry(&err, wait);
-        tokio::time::sleep(wait).await;
+        tokio::time::sleep(wait)
+            .instrument(tracing::info_span!(
+                "retry backoff",
+                wait_ms = wait.as_millis() as u64
+            ))
+            .await;
     }
 }
 

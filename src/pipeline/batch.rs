@@ -94,11 +94,21 @@ async fn write(ctx: &Context, batch: Vec<Finished>) {
     // delivery stays beside them, in the same order.
     let mut records = Vec::with_capacity(batch.len());
     let mut settles = Vec::with_capacity(batch.len());
+    // One `commit` span per order, all over the same transaction; they end
+    // when it has committed (or the order's rows were refused).
+    let size = batch.len();
+    let system = ctx.store.system_name();
+    let mut commits = Vec::with_capacity(size);
     for f in batch {
+        drop(f.waiting);
+        commits.push(tracing::info_span!(parent: &f.token.span, "commit",
+            db.system.name = system, db.operation.name = "upsert",
+            db.operation.batch.size = size));
         records.push(f.record);
         settles.push((f.token, f.raw, f.key, f.position, f.origin));
     }
     let verdicts = commit_bisecting(ctx, &records).await;
+    drop(commits);
     let mut tokens = Vec::with_capacity(records.len());
     for ((record, (token, raw, key, position, origin)), verdict) in
         records.into_iter().zip(settles).zip(verdicts)
@@ -382,6 +392,7 @@ mod tests {
                 },
                 _permit: permits.clone().try_acquire_owned().expect("permit"),
                 _held: crate::source::Held::new(&ctx.metrics),
+                span: tracing::Span::none(),
             },
             raw: bytes::Bytes::new(),
             key: None,
@@ -390,6 +401,7 @@ mod tests {
                 delivery_tag: i as u64,
             },
             origin: super::super::Origin::Received(std::time::Instant::now()),
+            waiting: tracing::Span::none(),
         };
         for i in 0..4 {
             in_tx.send(finished(i)).await.expect("send");

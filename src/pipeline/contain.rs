@@ -178,6 +178,7 @@ mod tests {
                 },
                 _permit: permits.clone().acquire_owned().await.expect("permit"),
                 _held: Held::new(&metrics),
+                span: tracing::Span::none(),
             };
             let it = InFlight {
                 order: d.order,
@@ -193,6 +194,7 @@ mod tests {
                 received_wall: chrono::Utc::now(),
                 timestamp_ms: None,
                 traceparent: None,
+                span: tracing::Span::none(),
                 token: TokenSlot::new(token),
             };
             tx.send(it).await.expect("queued");

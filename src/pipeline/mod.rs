@@ -36,6 +36,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::config::Config;
 use crate::downstream::retry::FullJitter;
@@ -46,7 +47,7 @@ use crate::order::{self, Decoded, Digest, Order};
 use crate::outcome::{DeadLetterReason, Outcome, Stage};
 use crate::source::{AckToken, DeadLetter, Delivery, Position, Settlement};
 use crate::store::{Record, Status, Store, StoredDigests};
-use crate::telemetry::{events, Health, Metrics};
+use crate::telemetry::{events, traces, Health, Metrics};
 
 /// Everything the stages share.
 pub struct Context {
@@ -74,6 +75,8 @@ struct InFlight {
     timestamp_ms: Option<i64>,
     /// W3C trace context from the message, forwarded to both downstreams.
     traceparent: Option<String>,
+    /// The order's `process` span (its token holds it too, until settled).
+    span: tracing::Span,
     /// Taken by whoever settles the order, or by its stage if the work on
     /// it panicked (see `contain`).
     token: TokenSlot,
@@ -88,6 +91,8 @@ pub(crate) struct Finished {
     pub position: Position,
     /// Where end-to-end latency starts.
     pub origin: Origin,
+    /// `batch wait`, from the outcome to the cut of its batch.
+    pub waiting: tracing::Span,
 }
 
 pub(crate) enum Origin {
@@ -130,6 +135,7 @@ impl InFlight {
             received_wall,
             timestamp_ms,
             traceparent: _,
+            span: _,
             token,
         } = self;
         let token = token.take()?;
@@ -147,6 +153,7 @@ impl InFlight {
                 source_position: position.to_string(),
                 received_at: received_wall,
             },
+            waiting: tracing::info_span!(parent: &token.span, "batch wait"),
             token,
             raw,
             key,
@@ -250,6 +257,7 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
                 let ctx = ctx2.clone();
                 let charge_tx = charge_tx.clone();
                 let finished_tx = finished_tx.clone();
+                let span = tracing::info_span!(parent: &it.span, "validate");
                 async move {
                     let verdict = ctx
                         .rules
@@ -273,6 +281,7 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
                         Err(e) => ctx.give_up(it, Stage::Validate, e),
                     }
                 }
+                .instrument(span)
             },
         )
     };
@@ -288,6 +297,7 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
             move |it: InFlight| {
                 let ctx = ctx2.clone();
                 let finished_tx = finished_tx.clone();
+                let span = tracing::info_span!(parent: &it.span, "charge");
                 async move {
                     let charge = ctx
                         .payments
@@ -309,6 +319,7 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
                         Err(e) => ctx.give_up(it, Stage::Charge, e),
                     }
                 }
+                .instrument(span)
             },
         )
     };
@@ -341,8 +352,10 @@ async fn decode_loop(
         while deliveries.recv_many(&mut waiting, DECODE_BATCH).await > 0 {
             let screened = attempts::screen(&ctx, std::mem::take(&mut waiting)).await;
             for d in screened {
-                match order::decode_canonical(&d.body, max) {
+                let decoding = tracing::info_span!(parent: &d.token.span, "decode");
+                match decoding.in_scope(|| order::decode_canonical(&d.body, max)) {
                     Ok(order) => {
+                        traces::identify(&d.token.span, &order.order.order_id);
                         if decoded_tx.send((d, order)).await.is_err() {
                             return;
                         }
@@ -452,6 +465,7 @@ async fn screen_loop(
                 received_wall: Utc::now(),
                 timestamp_ms: d.timestamp_ms,
                 traceparent: d.traceparent,
+                span: d.token.span.clone(),
                 token: TokenSlot::new(d.token),
             };
             if validate.send(it).await.is_err() {

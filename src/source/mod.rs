@@ -70,6 +70,10 @@ pub struct AckToken {
     /// Released when the settlement is handled (the broker was told).
     pub(crate) _permit: OwnedSemaphorePermit,
     pub(crate) _held: Held,
+    /// The order's span ([`process_span`](crate::telemetry::traces::process_span)):
+    /// it ends when the last handle goes, which is this token's, once the
+    /// broker has been told.
+    pub(crate) span: tracing::Span,
 }
 
 /// Counts a delivery in `conveyor_unacked_messages` and the oldest-unacked

@@ -181,6 +181,14 @@ pub enum Store {
 }
 
 impl Store {
+    /// `db.system.name` of the OpenTelemetry database conventions.
+    pub fn system_name(&self) -> &'static str {
+        match self {
+            Store::Postgres(_) => "postgresql",
+            Store::Sqlite(_) => "sqlite",
+        }
+    }
+
     pub async fn connect(cfg: &crate::config::DatabaseConfig) -> anyhow::Result<Self> {
         if is_sqlite_url(&cfg.url) {
             Ok(Store::Sqlite(SqliteStore::connect(cfg).await?))

@@ -9,9 +9,12 @@ use std::time::{Duration, Instant};
 
 use crate::outcome::{DeadLetterReason, Outcome, Stage};
 use prometheus::{
-    exponential_buckets, CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec,
-    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use super::drain::DrainEstimator;
+use super::runtime::RuntimeMetrics;
 
 /// The `event` label values of `conveyor_kafka_rebalance_events_total`.
 pub const REBALANCE_EVENTS: [&str; 5] = [
@@ -63,6 +66,15 @@ pub struct Metrics {
     pub oldest_unacked_age: Gauge,
     /// When each held delivery arrived, for `oldest_unacked_age`.
     pub held_since: HeldClock,
+    /// `conveyor_backlog_drain_seconds` and the ack rates behind it.
+    pub drain: DrainEstimator,
+    /// `conveyor_runtime_*`, refreshed at each scrape.
+    pub runtime: RuntimeMetrics,
+    /// Finished trace spans not exported: the export queue was full (a slow
+    /// or dead collector) or their export failed.
+    pub trace_spans_dropped: IntCounter,
+    /// Trace spans the collector accepted.
+    pub trace_spans_exported: IntCounter,
 }
 
 /// Arrival times of the deliveries held right now, oldest first.
@@ -227,6 +239,22 @@ impl Metrics {
                 "Age of the oldest message held and not yet acknowledged (0 when none).",
             )?,
             held_since: HeldClock::default(),
+            drain: DrainEstimator::new(GaugeVec::new(
+                Opts::new(
+                    "backlog_drain_seconds",
+                    "Estimated seconds to work off the broker backlog at the recent ack rate (60 s EWMA), per queue or topic; +Inf while lagging and acknowledging nothing.",
+                ),
+                &["queue", "topic"],
+            )?),
+            runtime: RuntimeMetrics::register(&registry)?,
+            trace_spans_dropped: IntCounter::new(
+                "trace_spans_dropped_total",
+                "Trace spans dropped instead of exported: export queue full or export failed.",
+            )?,
+            trace_spans_exported: IntCounter::new(
+                "trace_spans_exported_total",
+                "Trace spans the OTLP collector accepted.",
+            )?,
             broker_errors: IntCounterVec::new(
                 Opts::new(
                     "broker_errors_total",
@@ -309,6 +337,17 @@ impl Metrics {
         m.registry.register(Box::new(m.circuit_state.clone()))?;
         m.registry
             .register(Box::new(m.oldest_unacked_age.clone()))?;
+        m.registry.register(Box::new(m.drain.gauge()))?;
+        m.registry
+            .register(Box::new(m.trace_spans_dropped.clone()))?;
+        m.registry
+            .register(Box::new(m.trace_spans_exported.clone()))?;
+        // CPU seconds, resident and virtual memory, open and max fds, start
+        // time, threads (Linux /proc), as conveyor_process_*.
+        #[cfg(target_os = "linux")]
+        m.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         // Export every known series from the start: a family that appears
         // only after its first event breaks rate() and alerts.
         for downstream in ["rule_engine", "payment"] {
@@ -357,6 +396,25 @@ impl Metrics {
         self.kafka_rebalance
             .with_label_values(&[event])
             .inc_by(partitions as u64);
+    }
+
+    /// Brings the series read at scrape time up to date.
+    pub fn refresh(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.oldest_unacked_age
+            .set(self.held_since.oldest_age().as_secs_f64());
+        self.runtime.refresh();
+        // The export counts process-wide totals; these counters follow them
+        // (one refresh at a time, so a delta is never added twice).
+        static COPYING: Mutex<()> = Mutex::new(());
+        if let Ok(_one) = COPYING.lock() {
+            for (counter, total) in [
+                (&self.trace_spans_dropped, &super::traces::SPANS_DROPPED),
+                (&self.trace_spans_exported, &super::traces::SPANS_EXPORTED),
+            ] {
+                counter.inc_by(total.load(Relaxed).saturating_sub(counter.get()));
+            }
+        }
     }
 
     pub fn render(&self) -> String {

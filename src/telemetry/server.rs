@@ -23,9 +23,7 @@ struct HttpState {
 
 async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
     s.metrics.ready.set(i64::from(s.health.ready()));
-    s.metrics
-        .oldest_unacked_age
-        .set(s.metrics.held_since.oldest_age().as_secs_f64());
+    s.metrics.refresh();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(),

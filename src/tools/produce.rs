@@ -18,6 +18,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaRespErr;
 
@@ -283,7 +284,13 @@ where
             in_flight.sleep_until(due, &mut on_progress).await?;
         }
         in_flight.make_room(&mut on_progress).await?;
-        let props = ConfirmChannel::properties(FieldTable::default());
+        // A fresh W3C trace context that the daemon's trace of the order continues.
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from("traceparent"),
+            AMQPValue::LongString(crate::telemetry::traces::new_traceparent().into()),
+        );
+        let props = ConfirmChannel::properties(headers);
         let confirm = channel.publish("", &cfg.queue, &body, props).await?;
         in_flight.push(confirm);
         sent += 1;
@@ -325,7 +332,15 @@ where
             in_flight.sleep_until(due, &mut on_progress).await?;
         }
         in_flight.make_room(&mut on_progress).await?;
-        let mut record = FutureRecord::to(topic).key(&key).payload(&body);
+        let traceparent = crate::telemetry::traces::new_traceparent();
+        let mut record =
+            FutureRecord::to(topic)
+                .key(&key)
+                .payload(&body)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "traceparent",
+                    value: Some(traceparent.as_bytes()),
+                }));
         let delivery = loop {
             match producer.send_result(record) {
                 Ok(delivery) => break delivery,

@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod env;
 pub mod faults;
 pub mod kafka;
+pub mod otlp;
 pub mod tls;
 
 use std::net::SocketAddr;

@@ -19,7 +19,7 @@ use super::consumable::Consumable;
 use super::offsets::OffsetTracker;
 use super::{KafkaConsumer, KafkaSourceError};
 use crate::source::{AckToken, Delivery, Held, Position, TokenKind};
-use crate::telemetry::Metrics;
+use crate::telemetry::{traces, Metrics};
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn intake(
@@ -32,6 +32,7 @@ pub(super) async fn intake(
     closing: CancellationToken,
     metrics: Arc<Metrics>,
     consumable: Arc<Consumable>,
+    group: Arc<str>,
 ) -> Result<(), KafkaSourceError> {
     let mut topics: HashMap<String, Arc<str>> = HashMap::new();
     let outcome = loop {
@@ -100,19 +101,27 @@ pub(super) async fn intake(
         // idempotency key and the upsert, only not short-circuited.
         let redelivered = nth <= prefetch;
         metrics.received.inc();
+        let traceparent = m.headers().and_then(|h| header_text(h, "traceparent"));
+        let position = Position::Kafka {
+            topic: topic.clone(),
+            partition: m.partition(),
+            offset,
+        };
+        let span = traces::process_span(
+            &position,
+            Some(&group),
+            m.payload().map_or(0, <[u8]>::len),
+            traceparent.as_deref(),
+        );
         let delivery = Delivery {
             body: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
             key: m.key().map(Bytes::copy_from_slice),
-            position: Position::Kafka {
-                topic: topic.clone(),
-                partition: m.partition(),
-                offset,
-            },
+            position,
             redelivered,
             prior_deliveries: None,
             received_at: Instant::now(),
             timestamp_ms: m.timestamp().to_millis(),
-            traceparent: m.headers().and_then(|h| header_text(h, "traceparent")),
+            traceparent,
             token: AckToken {
                 kind: TokenKind::Kafka {
                     topic,
@@ -122,6 +131,7 @@ pub(super) async fn intake(
                 },
                 _permit: permit,
                 _held: Held::new(&metrics),
+                span,
             },
         };
         drop(m);

@@ -16,6 +16,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use super::consumable::{Consumable, PartitionSeen};
 use super::offsets::TopicPartition;
 use super::{KafkaConsumer, KafkaSource};
+use crate::telemetry::Destination;
 
 /// Lag per owned partition: high watermark − committed offset, read from
 /// the broker on a blocking thread.
@@ -33,6 +34,7 @@ pub(super) fn refresh_lag(src: &KafkaSource) -> tokio::task::JoinHandle<()> {
         Err(_) => Vec::new(),
     };
     let gauge = src.metrics.kafka_lag.clone();
+    let metrics = src.metrics.clone();
     let consumable = src.consumable.clone();
     let topics = src.cfg.topics.clone();
     tokio::task::spawn_blocking(move || {
@@ -81,6 +83,19 @@ pub(super) fn refresh_lag(src: &KafkaSource) -> tokio::task::JoinHandle<()> {
             });
         }
         consumable.partitions(&seen);
+        let mut backlog: Vec<(&str, u64)> = Vec::new();
+        for p in &seen {
+            let lag = (p.high - p.committed).max(0) as u64;
+            match backlog.iter_mut().find(|(t, _)| *t == &*p.tp.0) {
+                Some((_, n)) => *n += lag,
+                None => backlog.push((&p.tp.0, lag)),
+            }
+        }
+        for (topic, lag) in backlog {
+            metrics
+                .drain
+                .backlog(&Destination::Topic(topic.to_string()), lag);
+        }
     })
 }
 

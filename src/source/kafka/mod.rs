@@ -201,6 +201,7 @@ impl KafkaSource {
             closing.clone(),
             self.metrics.clone(),
             self.consumable.clone(),
+            Arc::from(self.cfg.group_id.as_str()),
         ));
         // The settlement loop owns the revoke receiver; a closed stand-in
         // stays in `self`.

@@ -6,6 +6,7 @@
 //! rebalance before the source closes.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer};
@@ -19,7 +20,7 @@ use super::rebalance::{finish_revoke, Revoke};
 use super::{tpl_of, KafkaSource};
 use crate::downstream::retry::FullJitter;
 use crate::source::{AckToken, DeadLetter, Position, Settlement, TokenKind};
-use crate::telemetry::events;
+use crate::telemetry::{events, Destination};
 
 /// Bounds of the jittered wait between refused final commits.
 const FINAL_COMMIT_RETRY_INITIAL: Duration = Duration::from_millis(100);
@@ -201,7 +202,15 @@ fn mark_done(src: &KafkaSource, tokens: Vec<AckToken>) {
     let Ok(mut t) = src.tracker.lock() else {
         return;
     };
+    // The order is done once its offset is marked: the next periodic (or
+    // revoke, or final) commit covers it.
+    let acks: Vec<tracing::Span> = tokens
+        .iter()
+        .map(|t| tracing::info_span!(parent: &t.span, "ack", "messaging.operation.type" = "settle"))
+        .collect();
     let mut count = 0;
+    // Per topic, for the drain estimate; a settlement rarely spans many.
+    let mut by_topic: Vec<(&Arc<str>, u64)> = Vec::new();
     for token in &tokens {
         if let TokenKind::Kafka {
             topic,
@@ -212,11 +221,21 @@ fn mark_done(src: &KafkaSource, tokens: Vec<AckToken>) {
         {
             if t.done(&(topic.clone(), *partition), *offset, *epoch) {
                 count += 1;
+                match by_topic.iter_mut().find(|(t, _)| *t == topic) {
+                    Some((_, n)) => *n += 1,
+                    None => by_topic.push((topic, 1)),
+                }
             }
         }
     }
     src.metrics.acked.inc_by(count);
     drop(t);
+    drop(acks);
+    for (topic, n) in by_topic {
+        src.metrics
+            .drain
+            .acked(&Destination::Topic(topic.to_string()), n);
+    }
     drop(tokens);
 }
 

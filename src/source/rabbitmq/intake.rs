@@ -19,7 +19,7 @@ use super::session::{Link, Session};
 use super::{RabbitError, TIMESTAMP_HEADER};
 use crate::config::{QueueType, RabbitConfig};
 use crate::source::{AckToken, Delivery, Held, Position, TokenKind};
-use crate::telemetry::{Health, Metrics};
+use crate::telemetry::{traces, Health, Metrics};
 
 /// Set by quorum queues on a message returned to the queue before: how many
 /// times it was (absent on the first delivery).
@@ -175,11 +175,23 @@ async fn consume_session(
                     .and_then(|s| i64::try_from(s).ok())
                     .map(|s| s * 1000)
             });
+        let traceparent = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("traceparent"))
+            .and_then(|v| match v {
+                AMQPValue::LongString(s) => Some(s.to_string()),
+                AMQPValue::ShortString(s) => Some(s.to_string()),
+                _ => None,
+            });
+        let position = Position::Rabbit {
+            queue: queue.clone(),
+            delivery_tag: d.delivery_tag,
+        };
+        let span = traces::process_span(&position, None, d.data.len(), traceparent.as_deref());
         let delivery = Delivery {
-            position: Position::Rabbit {
-                queue: queue.clone(),
-                delivery_tag: d.delivery_tag,
-            },
+            position,
             redelivered: d.redelivered,
             prior_deliveries: (cfg.queue_type == QueueType::Quorum).then(|| {
                 d.properties
@@ -191,16 +203,7 @@ async fn consume_session(
             }),
             received_at: Instant::now(),
             timestamp_ms,
-            traceparent: d
-                .properties
-                .headers()
-                .as_ref()
-                .and_then(|h| h.inner().get("traceparent"))
-                .and_then(|v| match v {
-                    AMQPValue::LongString(s) => Some(s.to_string()),
-                    AMQPValue::ShortString(s) => Some(s.to_string()),
-                    _ => None,
-                }),
+            traceparent,
             token: AckToken {
                 kind: TokenKind::Rabbit {
                     generation,
@@ -208,6 +211,7 @@ async fn consume_session(
                 },
                 _permit: permit,
                 _held: Held::new(metrics),
+                span,
             },
             body: Bytes::from(d.data),
             key: None,

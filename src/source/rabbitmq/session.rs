@@ -19,7 +19,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::{broker, declare_topology, short, RabbitError};
 use crate::config::RabbitConfig;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Destination, Metrics};
 
 /// Reconnect backoff: the ceiling of the wait doubles from
 /// `RECONNECT_INITIAL` up to `RECONNECT_MAX`, each wait jittered so that
@@ -246,6 +246,7 @@ async fn watch_depth(channel: Option<Channel>, queue: String, metrics: Arc<Metri
         return;
     };
     let gauge = metrics.rabbitmq_queue.with_label_values(&[queue.as_str()]);
+    let dest = Destination::Queue(queue.clone());
     let mut tick = tokio::time::interval(DEPTH_INTERVAL);
     loop {
         tick.tick().await;
@@ -257,7 +258,10 @@ async fn watch_depth(channel: Option<Channel>, queue: String, metrics: Arc<Metri
             .queue_declare(name.clone(), passive, FieldTable::default())
             .await
         {
-            Ok(q) => gauge.set(i64::from(q.message_count())),
+            Ok(q) => {
+                gauge.set(i64::from(q.message_count()));
+                metrics.drain.backlog(&dest, u64::from(q.message_count()));
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "queue depth unavailable");
                 return;

@@ -14,8 +14,7 @@ use super::dead_letter::publish_dead_letter;
 use super::session::Session;
 use crate::config::RabbitConfig;
 use crate::source::{AckToken, DeadLetter, Settlement, TokenKind};
-use crate::telemetry::events;
-use crate::telemetry::Metrics;
+use crate::telemetry::{events, Destination, Metrics};
 
 /// A dead-letter publish in progress: the letter, the session it was
 /// published on, and how it went.
@@ -34,6 +33,7 @@ pub(super) async fn settle(
     cfg: &RabbitConfig,
     metrics: &Metrics,
 ) {
+    let queue = Destination::Queue(cfg.queue.clone());
     let mut runs = AmqpAckRuns::new();
     let mut runs_generation = sessions.borrow().generation;
     let mut held: Vec<AckToken> = Vec::new();
@@ -102,6 +102,11 @@ pub(super) async fn settle(
         if acking.is_empty() {
             continue;
         }
+        // One `ack` span per order, over the basic.acks that cover it.
+        let acks: Vec<tracing::Span> = acking
+            .iter()
+            .map(|t| tracing::info_span!(parent: &t.span, "ack", "messaging.operation.type" = "settle"))
+            .collect();
         let mut failed = false;
         for ack in runs.take_acks() {
             let options = BasicAckOptions {
@@ -119,7 +124,9 @@ pub(super) async fn settle(
         }
         if !failed {
             metrics.acked.inc_by(acking.len() as u64);
+            metrics.drain.acked(&queue, acking.len() as u64);
         }
+        drop(acks);
         drop(acking);
     }
 }

@@ -15,6 +15,7 @@ use futures::stream::{FuturesUnordered, StreamExt as _};
 use lapin::types::FieldTable;
 use lapin::Connection;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use tokio_util::sync::CancellationToken;
 
@@ -273,9 +274,14 @@ impl KafkaPublisher {
                         r?;
                     }
                 }
+                let traceparent = crate::telemetry::traces::new_traceparent();
                 let record = FutureRecord::to(&self.topic)
                     .key(o.order_id.as_str())
-                    .payload(o.bytes);
+                    .payload(o.bytes)
+                    .headers(OwnedHeaders::new().insert(Header {
+                        key: "traceparent",
+                        value: Some(traceparent.as_bytes()),
+                    }));
                 let delivery = match self.producer.send_result(record) {
                     Ok(d) => d,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
