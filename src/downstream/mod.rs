@@ -255,7 +255,7 @@ impl Endpoint {
             || {
                 attempt += 1;
                 // The HTTP client span of this attempt, inside the stage's.
-                let span = tracing::info_span!(
+                let span = tracing::debug_span!(
                     "POST",
                     otel.kind = "client",
                     downstream = self.name,
@@ -264,7 +264,8 @@ impl Endpoint {
                     "error.type" = tracing::field::Empty,
                     otel.status_code = tracing::field::Empty
                 );
-                if !span.is_disabled() {
+                let exporting = crate::telemetry::traces::exporting();
+                if exporting && !span.is_disabled() {
                     self.describe(&span, attempt);
                 }
                 let mut req = self
@@ -277,7 +278,9 @@ impl Endpoint {
                 }
                 // Exported traces: the downstream's spans become children
                 // of this attempt's; else the message's context goes on.
-                let own = crate::telemetry::traces::traceparent_of(&span)
+                let own = exporting
+                    .then(|| crate::telemetry::traces::traceparent_of(&span))
+                    .flatten()
                     .and_then(|tp| HeaderValue::from_str(&tp).ok());
                 if let Some(tp) = own.as_ref().or(traceparent.as_ref()) {
                     req = req.header("traceparent", tp.clone());

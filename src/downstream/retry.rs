@@ -130,7 +130,7 @@ where
             None => {
                 let p = breaker
                     .acquire()
-                    .instrument(tracing::info_span!("circuit breaker wait"))
+                    .instrument(tracing::debug_span!("circuit breaker wait"))
                     .await;
                 // The outage paused this order; its budget starts over.
                 start = Instant::now();
@@ -167,7 +167,7 @@ where
         }
         on_retry(&err, wait);
         tokio::time::sleep(wait)
-            .instrument(tracing::info_span!(
+            .instrument(tracing::debug_span!(
                 "retry backoff",
                 wait_ms = wait.as_millis() as u64
             ))

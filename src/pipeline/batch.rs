@@ -101,7 +101,7 @@ async fn write(ctx: &Context, batch: Vec<Finished>) {
     let mut commits = Vec::with_capacity(size);
     for f in batch {
         drop(f.waiting);
-        commits.push(tracing::info_span!(parent: &f.token.span, "commit",
+        commits.push(tracing::debug_span!(parent: &f.token.span, "commit",
             db.system.name = system, db.operation.name = "upsert",
             db.operation.batch.size = size));
         records.push(f.record);

@@ -50,7 +50,9 @@ pub fn init_tracing(
     } else {
         None
     };
-    // conveyor's own spans (and its log lines inside them, as span events);
+    // conveyor's own spans (and its log lines inside them, as span events).
+    // An order's child spans are DEBUG: with no export (and logs at INFO)
+    // nothing is interested in them and they cost nothing;
     // never the libraries' (the HTTP client of the export itself among them).
     // A static target filter: its interest is cached per callsite.
     let spans = export.as_ref().map(|e| {
@@ -58,7 +60,7 @@ pub fn init_tracing(
             .with_tracer(traces::tracer(e))
             .with_location(false)
             .with_threads(false)
-            .with_filter(Targets::new().with_target("conveyor", tracing::Level::INFO))
+            .with_filter(Targets::new().with_target("conveyor", tracing::Level::DEBUG))
     });
     // A second init (tests, or `demo` after `simulate`) keeps the first.
     drop(

@@ -79,6 +79,15 @@ fn traces_url(base: &str) -> String {
 }
 
 /// A running export: what [`Export::shutdown`] flushes.
+/// Whether spans are exported: without an exporter an order's span is only
+/// the context of its log lines, and nothing OpenTelemetry-specific (span
+/// attributes, links, child spans) is built for it.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 pub struct Export {
     pub provider: SdkTracerProvider,
     flush: mpsc::Sender<oneshot::Sender<()>>,
@@ -160,6 +169,7 @@ pub fn init(cfg: &OtlpConfig) -> anyhow::Result<Export> {
         sample_ratio = ?cfg.sample_ratio,
         "exporting traces over OTLP/HTTP"
     );
+    EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(Export {
         provider: provider.build(),
         flush: flush_tx,
@@ -306,7 +316,7 @@ pub fn process_span(
         order_id = tracing::field::Empty,
         position = %position,
     );
-    if span.is_disabled() {
+    if span.is_disabled() || !exporting() {
         return span;
     }
     let (system, destination) = match position {
@@ -348,7 +358,9 @@ pub fn process_span(
 /// `order_id` of every log line inside its span.
 pub fn identify(span: &Span, order_id: &str) {
     span.record("order_id", order_id);
-    span.set_attribute("messaging.message.id", order_id.to_string());
+    if exporting() {
+        span.set_attribute("messaging.message.id", order_id.to_string());
+    }
 }
 
 /// The producer's context from a W3C `traceparent`, if it is well formed.

@@ -206,7 +206,9 @@ fn mark_done(src: &KafkaSource, tokens: Vec<AckToken>) {
     // revoke, or final) commit covers it.
     let acks: Vec<tracing::Span> = tokens
         .iter()
-        .map(|t| tracing::info_span!(parent: &t.span, "ack", "messaging.operation.type" = "settle"))
+        .map(
+            |t| tracing::debug_span!(parent: &t.span, "ack", "messaging.operation.type" = "settle"),
+        )
         .collect();
     let mut count = 0;
     // Per topic, for the drain estimate; a settlement rarely spans many.
