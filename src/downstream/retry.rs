@@ -121,7 +121,10 @@ where
         // Held back by the retry budget, the rate limit or a pause:
         // backpressure, not failure, so it does not count against
         // `max_elapsed`.
-        if !fresh {
+        // Only while the circuit is closed: an order that will wait for the
+        // circuit anyway must not queue for the budget first, or a recovery
+        // would be held to the budget's floor.
+        if !fresh && breaker.is_closed() {
             start += throttle.admit_retry().await;
         }
         start += throttle.admit().await;
