@@ -255,7 +255,7 @@ impl Endpoint {
             || {
                 attempt += 1;
                 // The HTTP client span of this attempt, inside the stage's.
-                let span = tracing::debug_span!(
+                let span = crate::telemetry::traces::order_step!(
                     "POST",
                     otel.kind = "client",
                     downstream = self.name,
@@ -264,8 +264,8 @@ impl Endpoint {
                     "error.type" = tracing::field::Empty,
                     otel.status_code = tracing::field::Empty
                 );
-                let exporting = crate::telemetry::traces::exporting();
-                if exporting && !span.is_disabled() {
+                let traced = !span.is_disabled();
+                if traced {
                     self.describe(&span, attempt);
                 }
                 let mut req = self
@@ -277,18 +277,25 @@ impl Endpoint {
                     req = req.header("Idempotency-Key", key);
                 }
                 // Exported traces: the downstream's spans become children
-                // of this attempt's; else the message's context goes on.
-                let own = exporting
-                    .then(|| crate::telemetry::traces::traceparent_of(&span))
-                    .flatten()
-                    .and_then(|tp| HeaderValue::from_str(&tp).ok());
+                // of this attempt's; an order the sampler dropped passes its
+                // own context on, unsampled, so the downstream drops it too;
+                // without an exporter the message's context goes on.
+                let own = if traced {
+                    crate::telemetry::traces::traceparent_of(&span)
+                } else if crate::telemetry::traces::exporting() {
+                    crate::telemetry::traces::traceparent_of(&tracing::Span::current())
+                } else {
+                    None
+                }
+                .and_then(|tp| HeaderValue::from_str(&tp).ok());
                 if let Some(tp) = own.as_ref().or(traceparent.as_ref()) {
                     req = req.header("traceparent", tp.clone());
                 }
                 let ok = ok.clone();
+                let attempt_span = span.clone();
                 async move {
                     let res = call::<T>(req).await;
-                    let span = tracing::Span::current();
+                    let span = attempt_span;
                     match &res {
                         Ok(_) => {
                             span.record("http.response.status_code", 200u64);

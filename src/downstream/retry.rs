@@ -133,7 +133,9 @@ where
             None => {
                 let p = breaker
                     .acquire()
-                    .instrument(tracing::debug_span!("circuit breaker wait"))
+                    .instrument(crate::telemetry::traces::order_step!(
+                        "circuit breaker wait"
+                    ))
                     .await;
                 // The outage paused this order; its budget starts over.
                 start = Instant::now();
@@ -170,7 +172,7 @@ where
         }
         on_retry(&err, wait);
         tokio::time::sleep(wait)
-            .instrument(tracing::debug_span!(
+            .instrument(crate::telemetry::traces::order_step!(
                 "retry backoff",
                 wait_ms = wait.as_millis() as u64
             ))

@@ -101,9 +101,11 @@ async fn write(ctx: &Context, batch: Vec<Finished>) {
     let mut commits = Vec::with_capacity(size);
     for f in batch {
         drop(f.waiting);
-        commits.push(tracing::debug_span!(parent: &f.token.span, "commit",
+        commits.push(
+            crate::telemetry::traces::order_step!(parent: &f.token.span, "commit",
             db.system.name = system, db.operation.name = "upsert",
-            db.operation.batch.size = size));
+            db.operation.batch.size = size),
+        );
         records.push(f.record);
         settles.push((f.token, f.raw, f.key, f.position, f.origin));
     }

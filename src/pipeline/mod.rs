@@ -153,7 +153,7 @@ impl InFlight {
                 source_position: position.to_string(),
                 received_at: received_wall,
             },
-            waiting: tracing::debug_span!(parent: &token.span, "batch wait"),
+            waiting: traces::order_step!(parent: &token.span, "batch wait"),
             token,
             raw,
             key,
@@ -257,7 +257,7 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
                 let ctx = ctx2.clone();
                 let charge_tx = charge_tx.clone();
                 let finished_tx = finished_tx.clone();
-                let span = tracing::debug_span!(parent: &it.span, "validate");
+                let span = traces::order_step!(parent: &it.span, "validate");
                 async move {
                     let verdict = ctx
                         .rules
@@ -297,7 +297,7 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
             move |it: InFlight| {
                 let ctx = ctx2.clone();
                 let finished_tx = finished_tx.clone();
-                let span = tracing::debug_span!(parent: &it.span, "charge");
+                let span = traces::order_step!(parent: &it.span, "charge");
                 async move {
                     let charge = ctx
                         .payments
@@ -352,7 +352,7 @@ async fn decode_loop(
         while deliveries.recv_many(&mut waiting, DECODE_BATCH).await > 0 {
             let screened = attempts::screen(&ctx, std::mem::take(&mut waiting)).await;
             for d in screened {
-                let decoding = tracing::debug_span!(parent: &d.token.span, "decode");
+                let decoding = traces::order_step!(parent: &d.token.span, "decode");
                 match decoding.in_scope(|| order::decode_canonical(&d.body, max)) {
                     Ok(order) => {
                         traces::identify(&d.token.span, &order.order.order_id);

@@ -319,6 +319,24 @@ pub fn process_span(
     if span.is_disabled() || !exporting() {
         return span;
     }
+    // The parent first: the sampler decides on the producer's trace id.
+    let link = match traceparent.and_then(producer_context) {
+        Some(producer) => {
+            let link = producer.span().span_context().clone();
+            // Fails only when traces are not exported (no layer to take it).
+            let _ = span.set_parent(producer);
+            Some(link)
+        }
+        None => None,
+    };
+    // An order the sampler dropped is only the context of its log lines:
+    // no attributes, no link, no child spans (see `order_step!`).
+    if !traced(&span) {
+        return span;
+    }
+    if let Some(link) = link {
+        span.add_link(link);
+    }
     let (system, destination) = match position {
         Position::Rabbit { queue, .. } => ("rabbitmq", queue.to_string()),
         Position::Kafka { topic, .. } => ("kafka", topic.to_string()),
@@ -345,20 +363,47 @@ pub fn process_span(
     if let Some(group) = group {
         span.set_attribute("messaging.consumer.group.name", group.to_string());
     }
-    if let Some(producer) = traceparent.and_then(producer_context) {
-        let link = producer.span().span_context().clone();
-        // Fails only when traces are not exported (no layer to take it).
-        let _ = span.set_parent(producer);
-        span.add_link(link);
-    }
     span
 }
+
+/// Whether `span`'s trace is exported: an exporter runs and the sampler
+/// kept the trace. Cheap when nothing is exported.
+pub fn traced(span: &Span) -> bool {
+    exporting() && !span.is_disabled() && span.context().span().span_context().is_sampled()
+}
+
+/// One step of an order's work: a DEBUG child span of the order's span
+/// when its trace is exported ([`traced`]), otherwise the order's span
+/// itself, so that log lines inside keep its fields while an unsampled
+/// order costs no OpenTelemetry work beyond its root span.
+///
+/// `order_step!(parent: &span, "name", fields…)` for an explicit parent;
+/// `order_step!("name", fields…)` under the current span, which is then a
+/// disabled span when untraced (the current context stays as it is).
+macro_rules! order_step {
+    (parent: $parent:expr, $($rest:tt)+) => {{
+        let parent: &::tracing::Span = $parent;
+        if $crate::telemetry::traces::traced(parent) {
+            ::tracing::debug_span!(parent: parent, $($rest)+)
+        } else {
+            parent.clone()
+        }
+    }};
+    ($($rest:tt)+) => {{
+        if $crate::telemetry::traces::traced(&::tracing::Span::current()) {
+            ::tracing::debug_span!($($rest)+)
+        } else {
+            ::tracing::Span::none()
+        }
+    }};
+}
+pub(crate) use order_step;
 
 /// Names the order once it is decoded: `messaging.message.id` and the
 /// `order_id` of every log line inside its span.
 pub fn identify(span: &Span, order_id: &str) {
     span.record("order_id", order_id);
-    if exporting() {
+    if traced(span) {
         span.set_attribute("messaging.message.id", order_id.to_string());
     }
 }

@@ -207,7 +207,7 @@ fn mark_done(src: &KafkaSource, tokens: Vec<AckToken>) {
     let acks: Vec<tracing::Span> = tokens
         .iter()
         .map(
-            |t| tracing::debug_span!(parent: &t.span, "ack", "messaging.operation.type" = "settle"),
+            |t| crate::telemetry::traces::order_step!(parent: &t.span, "ack", "messaging.operation.type" = "settle"),
         )
         .collect();
     let mut count = 0;

@@ -105,7 +105,7 @@ pub(super) async fn settle(
         // One `ack` span per order, over the basic.acks that cover it.
         let acks: Vec<tracing::Span> = acking
             .iter()
-            .map(|t| tracing::debug_span!(parent: &t.span, "ack", "messaging.operation.type" = "settle"))
+            .map(|t| crate::telemetry::traces::order_step!(parent: &t.span, "ack", "messaging.operation.type" = "settle"))
             .collect();
         let mut failed = false;
         for ack in runs.take_acks() {
