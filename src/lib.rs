@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::{Config, SourceKind};
 use crate::downstream::{PaymentClient, RuleEngineClient};
@@ -122,7 +123,13 @@ pub async fn run_with(
         Err(e) => tracing::warn!(error = %e, "cannot prune old delivery counts"),
     }
 
-    let http_stop = CancellationToken::new();
+    // One supervision tree: the root token stops everything the run
+    // started, and every task is owned here (aborted when dropped), so that
+    // when this returns — drained, cut by the deadline, or failed — none of
+    // them is left running.
+    let root = CancellationToken::new();
+    let _stop_all = root.clone().drop_guard();
+    let http_stop = root.child_token();
     let (http_addr, http_task) = telemetry::serve(
         config.http.listen,
         metrics.clone(),
@@ -131,6 +138,7 @@ pub async fn run_with(
     )
     .await
     .with_context(|| format!("http.listen: cannot bind {}", config.http.listen))?;
+    let http_task = AbortOnDropHandle::new(http_task);
     tracing::info!(addr = %http_addr, "serving /metrics /healthz /readyz");
 
     let prefetch = config.source.prefetch as usize;
@@ -151,9 +159,9 @@ pub async fn run_with(
         health: health.clone(),
         config: config.clone(),
     });
-    let stop_intake = CancellationToken::new();
+    let stop_intake = root.child_token();
     let stop = stop_intake.clone();
-    let mut source_task: tokio::task::JoinHandle<anyhow::Result<()>> = match config.source.kind {
+    let source_task: tokio::task::JoinHandle<anyhow::Result<()>> = match config.source.kind {
         SourceKind::Rabbitmq => {
             let source = RabbitSource::connect(
                 &config.rabbitmq,
@@ -178,12 +186,13 @@ pub async fn run_with(
             )
         }
     };
-    let pipeline_task = tokio::spawn(pipeline::run(ctx, deliveries_rx));
+    let mut source_task = AbortOnDropHandle::new(source_task);
+    let mut pipeline_task = AbortOnDropHandle::new(tokio::spawn(pipeline::run(ctx, deliveries_rx)));
     if let Some(on_ready) = hooks.on_ready {
         on_ready(http_addr);
     }
     notify::ready();
-    let watchdog = notify::spawn_watchdog(http_stop.clone());
+    let watchdog = notify::spawn_watchdog(http_stop.clone()).map(AbortOnDropHandle::new);
 
     let early = tokio::select! {
         _ = shutdown => None,
@@ -201,19 +210,13 @@ pub async fn run_with(
                 .ok()
         }
     };
-    let drained = match outcome {
+    let ended = match outcome {
         Some(Ok(Ok(()))) => {
-            let _ = pipeline_task.await;
-            true
+            let _ = (&mut pipeline_task).await;
+            Ok(true)
         }
-        Some(Ok(Err(e))) => {
-            http_stop.cancel();
-            return Err(e.context("the broker source failed"));
-        }
-        Some(Err(join)) => {
-            http_stop.cancel();
-            return Err(anyhow::anyhow!("the broker source panicked: {join}"));
-        }
+        Some(Ok(Err(e))) => Err(e.context("the broker source failed")),
+        Some(Err(join)) => Err(anyhow::anyhow!("the broker source panicked: {join}")),
         None => {
             // Logged as a shutdown cancellation, not as a timeout: nothing
             // failed, the work is handed back to the broker.
@@ -222,17 +225,24 @@ pub async fn run_with(
                 unacked = metrics.unacked.get(),
                 "drain deadline passed; cancelling unfinished orders, which stay unacknowledged and will be redelivered"
             );
-            source_task.abort();
-            pipeline_task.abort();
-            false
+            Ok(false)
         }
     };
-    store.close().await;
-    http_stop.cancel();
+    if !matches!(ended, Ok(true)) {
+        // Cancelled and awaited, so that they are gone (and the work they
+        // held dropped) before the run returns.
+        source_task.abort();
+        pipeline_task.abort();
+        let _ = (&mut source_task).await;
+        let _ = (&mut pipeline_task).await;
+    }
+    root.cancel();
     let _ = http_task.await;
     if let Some(w) = watchdog {
         let _ = w.await;
     }
+    let drained = ended?;
+    store.close().await;
 
     let outcome = |o: outcome::Outcome| metrics.orders.with_label_values(&[o.as_str()]).get();
     let report = Report {

@@ -35,7 +35,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, Semaphore};
-use tokio_util::task::TaskTracker;
+use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
 use crate::config::Config;
@@ -513,7 +513,9 @@ async fn stage<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(concurrency));
-    let tasks = TaskTracker::new();
+    // Owned by the stage: when the stage is dropped (the run aborted at
+    // the drain deadline) its workers go with it.
+    let mut tasks = JoinSet::new();
     let in_flight = ctx
         .metrics
         .stage_in_flight
@@ -536,6 +538,8 @@ async fn stage<F, Fut>(
         let Some(item) = input.recv().await else {
             break;
         };
+        // Reap the finished ones, or the set would keep every result.
+        while tasks.try_join_next().is_some() {}
         let salvage = item.salvage();
         let fut = work(item);
         let in_flight = in_flight.clone();
@@ -552,6 +556,5 @@ async fn stage<F, Fut>(
             drop(slot);
         });
     }
-    tasks.close();
-    tasks.wait().await;
+    while tasks.join_next().await.is_some() {}
 }

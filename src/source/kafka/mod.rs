@@ -49,6 +49,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::{Delivery, Settlement};
 use crate::config::KafkaConfig;
@@ -191,7 +192,9 @@ impl KafkaSource {
         // Intake on a task of its own: the revoke callback it runs blocks
         // until the settlement loop (this task) answers.
         let closing = CancellationToken::new();
-        let intake = tokio::spawn(intake::intake(
+        // Owned: if this task is aborted (the drain deadline), intake and
+        // its handle on the consumer go with it.
+        let mut intake = AbortOnDropHandle::new(tokio::spawn(intake::intake(
             self.consumer.clone(),
             self.tracker.clone(),
             self.prefetch,
@@ -202,7 +205,7 @@ impl KafkaSource {
             self.metrics.clone(),
             self.consumable.clone(),
             Arc::from(self.cfg.group_id.as_str()),
-        ));
+        )));
         // The settlement loop owns the revoke receiver; a closed stand-in
         // stays in `self`.
         let mut revokes = std::mem::replace(&mut self.revokes, mpsc::unbounded_channel().1);
@@ -211,7 +214,7 @@ impl KafkaSource {
         // `KafkaContext::release`), and intake stops polling.
         drop(revokes);
         closing.cancel();
-        let intake_result = match intake.await {
+        let intake_result = match (&mut intake).await {
             Ok(r) => r,
             Err(e) => Err(KafkaSourceError::Intake(e.to_string())),
         };
