@@ -39,7 +39,6 @@ pub mod offsets;
 mod rebalance;
 mod settle;
 
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use rdkafka::config::ClientConfig;
@@ -100,7 +99,6 @@ pub struct KafkaSource {
     producer: FutureProducer,
     tracker: Arc<Mutex<OffsetTracker>>,
     revokes: mpsc::UnboundedReceiver<Revoke>,
-    commit_failed: Arc<AtomicBool>,
     /// How many messages after each assignment are flagged as possibly
     /// redelivered (see `intake`).
     prefetch: u64,
@@ -118,12 +116,10 @@ impl KafkaSource {
     ) -> Result<Self, KafkaSourceError> {
         let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
         let (revokes_tx, revokes) = mpsc::unbounded_channel();
-        let commit_failed = Arc::new(AtomicBool::new(false));
         let context = KafkaContext {
             tracker: tracker.clone(),
             revokes: revokes_tx,
             revoke_timeout: cfg.revoke_timeout,
-            commit_failed: commit_failed.clone(),
             metrics: metrics.clone(),
         };
         let mut consumer_cfg = ClientConfig::new();
@@ -173,7 +169,6 @@ impl KafkaSource {
             producer,
             tracker,
             revokes,
-            commit_failed,
             prefetch: u64::from(prefetch),
             metrics,
             health,

@@ -5,12 +5,10 @@
 //! callback waits for their final positions, then commits them
 //! synchronously before librdkafka releases the partitions.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 
@@ -30,9 +28,6 @@ pub struct KafkaContext {
     pub(super) tracker: Arc<Mutex<OffsetTracker>>,
     pub(super) revokes: mpsc::UnboundedSender<Revoke>,
     pub(super) revoke_timeout: Duration,
-    /// Set when an asynchronous commit was rejected (e.g. during a
-    /// rebalance): the next periodic commit then resends every position.
-    pub(super) commit_failed: Arc<AtomicBool>,
     pub(super) metrics: Arc<Metrics>,
 }
 
@@ -101,14 +96,9 @@ impl KafkaContext {
 
 impl ClientContext for KafkaContext {}
 
+// No `commit_callback`: every commit is synchronous and answered to its
+// caller (an asynchronous one would be answered to no one, see `settle`).
 impl ConsumerContext for KafkaContext {
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "offset commit rejected; resending with the next commit");
-            self.commit_failed.store(true, Ordering::Relaxed);
-        }
-    }
-
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
