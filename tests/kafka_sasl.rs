@@ -9,7 +9,8 @@
 //! (`UnsupportedSaslMechanism`), and memory storage does not outlive the
 //! process. So no login can succeed: what is tested is that a refused
 //! login fails saying so, by mechanism, for `produce` and for the daemon
-//! (which stays up and not ready), and that the password never shows in
+//! (which stays up, `/readyz` answering 503 with the broker's refusal), and
+//! that the password never shows in
 //! what either prints, in `/readyz` or in `/metrics`.
 //!
 //! Each case prints one line of the TLS matrix:
@@ -155,6 +156,16 @@ async fn the_daemon_refused_by_sasl_stays_unready_and_never_shows_the_password()
     let status = readyz.status();
     let why = readyz.text().await.unwrap_or_default();
     assert_eq!(status.as_u16(), 503, "not ready while refused: {why}");
+    assert!(
+        why.contains("refused authentication") && why.contains("SASL SCRAM authentication failed"),
+        "/readyz says why: {why}"
+    );
+    let refused = common::metric(
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        "conveyor_kafka_consumer_errors_total{code=\"Authentication\"}",
+    )
+    .await;
+    assert!(refused.unwrap_or(0.0) >= 1.0, "counted: {refused:?}");
     let metrics = http
         .get(format!("http://127.0.0.1:{port}/metrics"))
         .send()

@@ -116,7 +116,9 @@ impl KafkaSource {
     ) -> Result<Self, KafkaSourceError> {
         let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
         let (revokes_tx, revokes) = mpsc::unbounded_channel();
+        let consumable = Arc::new(consumable::Consumable::new(metrics.clone()));
         let context = KafkaContext {
+            consumable: consumable.clone(),
             tracker: tracker.clone(),
             revokes: revokes_tx,
             revoke_timeout: cfg.revoke_timeout,
@@ -160,7 +162,6 @@ impl KafkaSource {
             .create()
             .map_err(client("creating the dead-letter producer"))?;
         Health::set(&health.broker_connected, true);
-        let consumable = Arc::new(consumable::Consumable::new(metrics.clone()));
         health.watch(consumable.clone());
         tracing::info!(topics = ?cfg.topics, group = %cfg.group_id, "consuming from Kafka");
         Ok(Self {

@@ -9,9 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 
+use super::consumable::Consumable;
 use super::offsets::{OffsetTracker, TopicPartition};
 use super::{partitions_of, tpl_of, KafkaSource};
 use crate::telemetry::Metrics;
@@ -28,6 +30,8 @@ pub struct KafkaContext {
     pub(super) tracker: Arc<Mutex<OffsetTracker>>,
     pub(super) revokes: mpsc::UnboundedSender<Revoke>,
     pub(super) revoke_timeout: Duration,
+    /// Told of global client errors (a refused login makes `/readyz` say so).
+    pub(super) consumable: Arc<Consumable>,
     pub(super) metrics: Arc<Metrics>,
 }
 
@@ -94,7 +98,13 @@ impl KafkaContext {
     }
 }
 
-impl ClientContext for KafkaContext {}
+impl ClientContext for KafkaContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // As rdkafka's default, plus readiness.
+        tracing::error!("librdkafka: {error}: {reason}");
+        self.consumable.client_error(&error, reason);
+    }
+}
 
 // No `commit_callback`: every commit is synchronous and answered to its
 // caller (an asynchronous one would be answered to no one, see `settle`).
