@@ -304,25 +304,20 @@ on_both_brokers! {
     }
 }
 
-// Ignored: they find a bug. With cooperative-sticky, a periodic
-// (asynchronous) offset commit that the coordinator refuses during an
-// incremental rebalance ("Specified group generation id is not valid",
-// "Group rebalance in progress"; librdkafka logs COMMITFAIL) is never sent
-// again: conveyor's own "offset commit rejected; resending" never appears,
-// so the commit callback does not report it, and a partition whose backlog
-// was finished meanwhile keeps its committed offset behind the log end for
-// ever (every order stored, ~150 per partition left to be processed again
-// by the next owner, lag never 0). Seen on both brokers; eager rebalances
-// are not affected (the revoke commits synchronously and retries). Run
-// with `cargo test --test replicas -- --ignored`.
+// Cooperative-sticky: an incremental rebalance revokes only some
+// partitions, so the members keep committing the others periodically while
+// the coordinator refuses commits ("Specified group generation id is not
+// valid", "Group rebalance in progress"). Such a refused commit must be
+// sent again, or a partition whose backlog was finished meanwhile keeps its
+// committed offset behind the log end for ever (rdkafka 0.39 reports the
+// result of an asynchronous commit to no one; the daemon commits
+// synchronously and resends what the coordinator has not confirmed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a refused asynchronous commit during a cooperative rebalance is never resent"]
 async fn kafka_three_cooperative_sticky_members_survive_kill9_and_sigterm_mock() {
     kafka_scenario(Backend::Mock, Some("cooperative-sticky")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a refused asynchronous commit during a cooperative rebalance is never resent"]
 async fn kafka_three_cooperative_sticky_members_survive_kill9_and_sigterm_tansu() {
     kafka_scenario(Backend::Tansu, Some("cooperative-sticky")).await
 }

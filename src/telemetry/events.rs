@@ -22,11 +22,12 @@ use crate::outcome::Outcome;
 use crate::source::DeadLetter;
 
 /// The rate-limited kinds, whose suppressed-line series exist from start-up.
-pub const EVENTS: [&str; 4] = [
+pub const EVENTS: [&str; 5] = [
     "dead_lettered",
     "duplicate",
     "conflicting_duplicate",
     "redelivery_limit",
+    "kafka_commit_refused",
 ];
 
 /// Lines of one kind written at once before the rate applies.
@@ -84,6 +85,23 @@ pub fn dead_lettered(metrics: &Metrics, dl: &DeadLetter) {
         tracing::warn!(order_id = dl.order_id.as_deref().unwrap_or(""),
             position = %dl.position, reason = %dl.reason, stage = %dl.stage,
             detail = %dl.detail, suppressed, "dead-lettered");
+    });
+}
+
+/// A periodic Kafka offset commit the coordinator refused (a rebalance in
+/// progress, a coordinator moving): counted per partition in
+/// `conveyor_kafka_rebalance_events_total{event="commit_refused"}` and
+/// logged (rate-limited: every tick of a long rebalance can refuse one).
+/// Nothing is lost: the positions are sent again with the next commit.
+pub fn kafka_commit_refused(metrics: &Metrics, error: &str, partitions: usize) {
+    metrics.rebalance_event("commit_refused", partitions);
+    limited(metrics, "kafka_commit_refused", |suppressed| {
+        tracing::warn!(
+            error,
+            partitions,
+            suppressed,
+            "offset commit refused; resending with the next commit"
+        );
     });
 }
 

@@ -17,12 +17,13 @@ use super::drain::DrainEstimator;
 use super::runtime::RuntimeMetrics;
 
 /// The `event` label values of `conveyor_kafka_rebalance_events_total`.
-pub const REBALANCE_EVENTS: [&str; 5] = [
+pub const REBALANCE_EVENTS: [&str; 6] = [
     "assigned",
     "revoked",
     "revoke_timeout",
     "revoke_commit_refused",
     "resumed",
+    "commit_refused",
 ];
 
 /// Every metric conveyor exports, prefixed `conveyor_`.
@@ -272,7 +273,7 @@ impl Metrics {
             kafka_rebalance: IntCounterVec::new(
                 Opts::new(
                     "kafka_rebalance_events_total",
-                    "Consumer-group rebalance events: partitions assigned, revoked, revokes whose in-flight orders outlived kafka.revoke_timeout, revoke commits the coordinator refused, partitions resumed from such a refused commit.",
+                    "Consumer-group rebalance events: partitions assigned, revoked, revokes whose in-flight orders outlived kafka.revoke_timeout, revoke commits the coordinator refused, partitions resumed from such a refused commit, partitions of periodic commits the coordinator refused (sent again).",
                 ),
                 &["event"],
             )?,

@@ -113,6 +113,21 @@ impl KafkaBroker {
         }
     }
 
+    /// tansu requiring SASL authentication (`--authentication`) from
+    /// every client. With memory storage it holds no user, and none can be
+    /// added (`tansu user create` connects unauthenticated and is refused
+    /// `NotAuthenticated`): every login is refused.
+    pub async fn tansu_authenticating() -> Self {
+        let port = free_port();
+        Self {
+            backend: Backend::Tansu,
+            bootstrap: format!("127.0.0.1:{port}"),
+            mock: None,
+            tansu: Some(Tansu::start_with(port, port, &["--authentication"]).await),
+            acked_ends: Mutex::default(),
+        }
+    }
+
     pub fn bootstrap_servers(&self) -> String {
         self.bootstrap.clone()
     }
@@ -410,6 +425,10 @@ struct Tansu {
 
 impl Tansu {
     async fn start(port: u16, advertised: u16) -> Self {
+        Self::start_with(port, advertised, &[]).await
+    }
+
+    async fn start_with(port: u16, advertised: u16, extra: &[&str]) -> Self {
         let bin = tansu_binary();
         assert!(
             bin.exists(),
@@ -428,6 +447,7 @@ impl Tansu {
                 "--storage-engine",
                 "memory://tansu/",
             ])
+            .args(extra)
             .env_remove("RUST_LOG")
             .stdin(std::process::Stdio::null())
             .stdout(file.try_clone().expect("log file"))

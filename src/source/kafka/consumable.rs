@@ -11,8 +11,15 @@
 //!   with such errors recurring, it has lag, nothing in flight and its
 //!   committed offset has not moved for [`STUCK_AFTER`].
 //!
+//! * the broker refusing this client's authentication (SASL: a wrong
+//!   password, an unknown user, a mechanism the broker does not offer),
+//!   from librdkafka's global errors: counted as
+//!   `conveyor_kafka_consumer_errors_total{code="Authentication"}`; it clears
+//!   once the broker answers a metadata request.
+//!
 //! Each makes `/readyz` answer 503 with the reason, until it clears, and is
-//! logged when it starts and then at most once every [`LOG_EVERY`].
+//! logged when it starts and then at most once every [`LOG_EVERY`]
+//! (librdkafka logs each refused login itself).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -78,6 +85,8 @@ struct Inner {
     topics: BTreeMap<String, String>,
     /// The last permanent consumer error and when it was seen.
     last_error: Option<(String, Instant)>,
+    /// Why the broker refused to authenticate this client, until it answers.
+    refused_login: Option<String>,
     /// Per owned partition: the committed offset last seen and since when.
     progress: BTreeMap<(String, i32), (i64, Instant)>,
     /// Stuck partitions -> why.
@@ -172,10 +181,31 @@ impl Consumable {
         }
     }
 
-    /// Every configured topic was asked about once.
+    /// A global client error from librdkafka: an authentication failure
+    /// makes the daemon not ready, saying why (the reason names the
+    /// mechanism and the broker's answer, never the password).
+    pub fn client_error(&self, e: &KafkaError, reason: &str) {
+        if e.rdkafka_error_code() != Some(RDKafkaErrorCode::Authentication) {
+            return;
+        }
+        self.metrics
+            .kafka_consumer_errors
+            .with_label_values(&["Authentication"])
+            .inc();
+        if let Ok(mut g) = self.inner.lock() {
+            g.refused_login = Some(format!(
+                "kafka: the broker refused authentication (check kafka.security: \
+                 sasl_mechanism, username, password): {reason}"
+            ));
+        }
+    }
+
+    /// Every configured topic was asked about once: the broker answered, so
+    /// a refused login is over.
     pub fn checked(&self) {
         if let Ok(mut g) = self.inner.lock() {
             g.checked = true;
+            g.refused_login = None;
         }
     }
 
@@ -251,6 +281,9 @@ impl Consumable {
 impl ReadinessCheck for Consumable {
     fn not_ready(&self) -> Option<String> {
         let g = self.inner.lock().ok()?;
+        if let Some(why) = &g.refused_login {
+            return Some(why.clone());
+        }
         if !g.checked {
             return Some("kafka: the configured topics are not checked yet".into());
         }
@@ -283,6 +316,36 @@ mod tests {
             high,
             outstanding,
         }
+    }
+
+    #[test]
+    fn a_refused_login_is_not_ready_until_the_broker_answers() {
+        let c = consumable();
+        c.checked();
+        // Other global errors are the connection's concern, not readiness'.
+        c.client_error(
+            &KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+            "1/1 brokers are down",
+        );
+        assert_eq!(c.not_ready(), None);
+        c.client_error(
+            &KafkaError::Global(RDKafkaErrorCode::Authentication),
+            "SASL SCRAM authentication failed: broker responded with unknown-user",
+        );
+        let why = c.not_ready().expect("not ready");
+        assert!(
+            why.contains("refused authentication") && why.contains("unknown-user"),
+            "{why}"
+        );
+        assert_eq!(
+            c.metrics
+                .kafka_consumer_errors
+                .with_label_values(&["Authentication"])
+                .get(),
+            1
+        );
+        c.checked();
+        assert_eq!(c.not_ready(), None, "the broker answered: logged in");
     }
 
     #[test]

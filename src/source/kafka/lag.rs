@@ -2,7 +2,9 @@
 //! the broker's high watermark minus the group's committed offset, for
 //! every partition this member owns, refreshed every `kafka.lag_interval`.
 //! The same refresh asks the metadata of every configured topic and hands
-//! both to [`Consumable`](super::consumable::Consumable).
+//! both to [`Consumable`](super::consumable::Consumable), and gives the
+//! committed offsets read back to the offset tracker, which sends again a
+//! commit the group does not hold.
 
 use std::time::Duration;
 
@@ -37,6 +39,7 @@ pub(super) fn refresh_lag(src: &KafkaSource) -> tokio::task::JoinHandle<()> {
     let metrics = src.metrics.clone();
     let consumable = src.consumable.clone();
     let topics = src.cfg.topics.clone();
+    let tracker = src.tracker.clone();
     tokio::task::spawn_blocking(move || {
         check_topics(&consumer, &topics, &consumable);
         if owned.is_empty() {
@@ -58,6 +61,22 @@ pub(super) fn refresh_lag(src: &KafkaSource) -> tokio::task::JoinHandle<()> {
                 return;
             }
         };
+        let held: Vec<(TopicPartition, Option<i64>)> = committed
+            .elements()
+            .iter()
+            .filter(|e| e.error().is_ok())
+            .filter_map(|e| {
+                let offset = match e.offset() {
+                    Offset::Offset(c) => Some(c),
+                    Offset::Invalid => None,
+                    _ => return None,
+                };
+                Some(((Arc::from(e.topic()), e.partition()), offset))
+            })
+            .collect();
+        if let Ok(mut t) = tracker.lock() {
+            t.group_committed(&held);
+        }
         let mut seen = Vec::new();
         for e in committed.elements() {
             let Ok((low, high)) =

@@ -39,7 +39,6 @@ pub mod offsets;
 mod rebalance;
 mod settle;
 
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use rdkafka::config::ClientConfig;
@@ -101,7 +100,6 @@ pub struct KafkaSource {
     producer: FutureProducer,
     tracker: Arc<Mutex<OffsetTracker>>,
     revokes: mpsc::UnboundedReceiver<Revoke>,
-    commit_failed: Arc<AtomicBool>,
     /// How many messages after each assignment are flagged as possibly
     /// redelivered (see `intake`).
     prefetch: u64,
@@ -119,12 +117,12 @@ impl KafkaSource {
     ) -> Result<Self, KafkaSourceError> {
         let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
         let (revokes_tx, revokes) = mpsc::unbounded_channel();
-        let commit_failed = Arc::new(AtomicBool::new(false));
+        let consumable = Arc::new(consumable::Consumable::new(metrics.clone()));
         let context = KafkaContext {
+            consumable: consumable.clone(),
             tracker: tracker.clone(),
             revokes: revokes_tx,
             revoke_timeout: cfg.revoke_timeout,
-            commit_failed: commit_failed.clone(),
             metrics: metrics.clone(),
         };
         let mut consumer_cfg = ClientConfig::new();
@@ -165,7 +163,6 @@ impl KafkaSource {
             .create()
             .map_err(client("creating the dead-letter producer"))?;
         Health::set(&health.broker_connected, true);
-        let consumable = Arc::new(consumable::Consumable::new(metrics.clone()));
         health.watch(consumable.clone());
         tracing::info!(topics = ?cfg.topics, group = %cfg.group_id, "consuming from Kafka");
         Ok(Self {
@@ -174,7 +171,6 @@ impl KafkaSource {
             producer,
             tracker,
             revokes,
-            commit_failed,
             prefetch: u64::from(prefetch),
             metrics,
             health,

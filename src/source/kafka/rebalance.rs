@@ -5,15 +5,15 @@
 //! callback waits for their final positions, then commits them
 //! synchronously before librdkafka releases the partitions.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tokio::sync::mpsc;
 
+use super::consumable::Consumable;
 use super::offsets::{OffsetTracker, TopicPartition};
 use super::{partitions_of, tpl_of, KafkaSource};
 use crate::telemetry::Metrics;
@@ -30,9 +30,8 @@ pub struct KafkaContext {
     pub(super) tracker: Arc<Mutex<OffsetTracker>>,
     pub(super) revokes: mpsc::UnboundedSender<Revoke>,
     pub(super) revoke_timeout: Duration,
-    /// Set when an asynchronous commit was rejected (e.g. during a
-    /// rebalance): the next periodic commit then resends every position.
-    pub(super) commit_failed: Arc<AtomicBool>,
+    /// Told of global client errors (a refused login makes `/readyz` say so).
+    pub(super) consumable: Arc<Consumable>,
     pub(super) metrics: Arc<Metrics>,
 }
 
@@ -99,16 +98,17 @@ impl KafkaContext {
     }
 }
 
-impl ClientContext for KafkaContext {}
-
-impl ConsumerContext for KafkaContext {
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "offset commit rejected; resending with the next commit");
-            self.commit_failed.store(true, Ordering::Relaxed);
-        }
+impl ClientContext for KafkaContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // As rdkafka's default, plus readiness.
+        tracing::error!("librdkafka: {error}: {reason}");
+        self.consumable.client_error(&error, reason);
     }
+}
 
+// No `commit_callback`: every commit is synchronous and answered to its
+// caller (an asynchronous one would be answered to no one, see `settle`).
+impl ConsumerContext for KafkaContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {

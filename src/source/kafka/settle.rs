@@ -4,12 +4,23 @@
 //! are answered once their partitions have nothing in flight (or at
 //! `kafka.revoke_timeout`), and the final commit is retried through a
 //! rebalance before the source closes.
+//!
+//! The periodic commit is synchronous, on the blocking pool, one attempt
+//! in flight at a time, so that its answer is known: rdkafka 0.39 submits
+//! an asynchronous commit without a reply queue, and librdkafka then
+//! reports its result to no one (rust-rdkafka issue #856; it only logs
+//! `COMMITFAIL`): `ConsumerContext::commit_callback` is never called for
+//! it. A commit the coordinator refuses (a cooperative rebalance in
+//! progress) would then be lost for a partition whose backlog is finished,
+//! as nothing moves its position any more. The tracker keeps what was
+//! confirmed, and the next tick sends whatever is behind the settled
+//! position again.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::KafkaResult;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -40,6 +51,9 @@ pub(super) async fn settle(
     let mut closed = false;
     let mut pending_revoke: Option<(Revoke, tokio::time::Instant)> = None;
     let mut commit_tick = tokio::time::interval(cfg.commit_interval);
+    commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // At most one periodic commit in flight (see the module's doc).
+    let mut committing: JoinSet<Attempt> = JoinSet::new();
     let mut lag_tick = tokio::time::interval(cfg.lag_interval);
     let mut lag_task: Option<tokio::task::JoinHandle<()>> = None;
     loop {
@@ -80,7 +94,15 @@ pub(super) async fn settle(
                     finish_revoke(src, r);
                 }
             },
-            _ = commit_tick.tick() => commit(src, CommitMode::Async),
+            _ = commit_tick.tick(), if committing.is_empty() => {
+                if let Some(attempt) = start_commit(src) {
+                    committing.spawn_blocking(attempt);
+                }
+            },
+            Some(joined) = committing.join_next(), if !committing.is_empty() => match joined {
+                Ok(answer) => commit_answered(src, answer),
+                Err(e) => tracing::error!(error = %e, "offset commit task failed; resending with the next commit"),
+            },
             _ = lag_tick.tick() => {
                 if lag_task.as_ref().is_none_or(|t| t.is_finished()) {
                     lag_task = Some(refresh_lag(src));
@@ -103,6 +125,11 @@ pub(super) async fn settle(
                 pending_revoke = Some((r, deadline));
             }
         }
+    }
+    // The final commit goes after the periodic one still in flight, whose
+    // answer it must not race.
+    if let Some(Ok(answer)) = committing.join_next().await {
+        commit_answered(src, answer);
     }
     final_commit(src, revokes).await;
     if let Some(t) = lag_task {
@@ -144,6 +171,9 @@ async fn final_commit(src: &KafkaSource, revokes: &mut mpsc::UnboundedReceiver<R
             match result {
                 Ok(Ok(())) => {
                     tracing::info!(?positions, "final offsets committed");
+                    if let Ok(mut t) = src.tracker.lock() {
+                        t.confirm(&positions);
+                    }
                     committed = positions;
                 }
                 Ok(Err(e)) => refused = Some(e.to_string()),
@@ -156,11 +186,9 @@ async fn final_commit(src: &KafkaSource, revokes: &mut mpsc::UnboundedReceiver<R
         let wait = backoff.next_wait();
         if tokio::time::Instant::now() + wait >= deadline {
             match refused {
+                // Not confirmed: releasing the partitions commits them.
                 Some(error) => {
-                    tracing::error!(error = %error, "final commit failed; committing again when the partitions are released");
-                    if let Ok(mut t) = src.tracker.lock() {
-                        t.forget_commits();
-                    }
+                    tracing::error!(error = %error, "final commit failed; committing again when the partitions are released")
                 }
                 None => tracing::warn!(
                     "the rebalance did not give back the partitions whose revoke commit was refused; their next owner re-processes from the last commit"
@@ -262,21 +290,32 @@ fn accept(
     }
 }
 
-pub(super) fn commit(src: &KafkaSource, mode: CommitMode) {
-    let resend = src.commit_failed.swap(false, Ordering::Relaxed);
-    let positions = match src.tracker.lock() {
-        Ok(mut t) => {
-            if resend {
-                t.forget_commits();
-            }
-            t.take_commits()
-        }
-        Err(_) => return,
-    };
+/// A periodic commit's positions and the coordinator's answer.
+type Attempt = (Vec<(TopicPartition, i64)>, KafkaResult<()>);
+
+/// The positions not confirmed yet, as a synchronous commit to run on the
+/// blocking pool; `None` when everything is confirmed.
+fn start_commit(src: &KafkaSource) -> Option<impl FnOnce() -> Attempt + Send + 'static> {
+    let positions = src.tracker.lock().ok()?.take_commits();
     if positions.is_empty() {
-        return;
+        return None;
     }
-    if let Err(e) = src.consumer.commit(&tpl_of(&positions), mode) {
-        tracing::warn!(error = %e, "offset commit failed; it is retried with the next one");
+    let consumer = src.consumer.clone();
+    Some(move || {
+        let result = consumer.commit(&tpl_of(&positions), CommitMode::Sync);
+        (positions, result)
+    })
+}
+
+fn commit_answered(src: &KafkaSource, (positions, result): Attempt) {
+    match result {
+        Ok(()) => {
+            if let Ok(mut t) = src.tracker.lock() {
+                t.confirm(&positions);
+            }
+        }
+        // A rebalance in progress, a coordinator moving: nothing is
+        // confirmed, so the next tick sends the positions again.
+        Err(e) => events::kafka_commit_refused(&src.metrics, &e.to_string(), positions.len()),
     }
 }
