@@ -1,86 +1,12 @@
-//! Command-line arguments of `export` and `dlq`, kept beside the tools so
-//! that `main` only dispatches to them.
+//! `conveyor dlq`.
 
 use std::io::{BufRead as _, IsTerminal as _, Write as _};
-use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
 
-use super::dlq::{self, Action, DeadLetterMsg, Filter as DlqFilter, MoveOpts, Stats};
-use super::export::{self, ExportArgs, Format};
+use super::{parse_rate, parse_time, Broker};
 use crate::config::{Config, SourceKind};
-use crate::store::read::Filter;
-use crate::store::Status;
-
-fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(s)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| format!("{e} (RFC 3339, e.g. 2026-11-22T10:00:00Z)"))
-}
-
-fn parse_rate(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
-        Ok(_) => Err("must be a positive number".into()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// `conveyor export`.
-#[derive(Debug, clap::Args)]
-pub struct ExportCli {
-    #[arg(long, value_enum, default_value = "ndjson")]
-    format: Format,
-    /// Only orders with this status: accepted, rejected or declined.
-    #[arg(long)]
-    status: Option<Status>,
-    /// Only orders committed at or after this time (RFC 3339).
-    #[arg(long, value_parser = parse_time)]
-    since: Option<DateTime<Utc>>,
-    /// Only orders committed before this time (RFC 3339).
-    #[arg(long, value_parser = parse_time)]
-    until: Option<DateTime<Utc>>,
-    /// Write here instead of stdout.
-    #[arg(long, short)]
-    output: Option<PathBuf>,
-    /// No progress bar.
-    #[arg(long, short)]
-    quiet: bool,
-}
-
-impl ExportCli {
-    /// Returns the exit code: 0, or [`export::EXIT_READER_GONE`] when the
-    /// reader closed the pipe first.
-    pub async fn run(self, config: &Config) -> anyhow::Result<u8> {
-        let done = export::run(
-            config,
-            ExportArgs {
-                filter: Filter {
-                    status: self.status,
-                    since: self.since,
-                    until: self.until,
-                },
-                format: self.format,
-                output: self.output.clone(),
-                quiet: self.quiet,
-            },
-        )
-        .await?;
-        if done.reader_gone {
-            return Ok(export::EXIT_READER_GONE);
-        }
-        if let Some(path) = &self.output {
-            eprintln!("exported {} orders to {}", done.rows, path.display());
-        }
-        Ok(0)
-    }
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
-enum Broker {
-    Rabbitmq,
-    Kafka,
-}
+use crate::tools::dlq::{self, Action, DeadLetterMsg, Filter as DlqFilter, MoveOpts, Stats};
 
 /// `conveyor dlq`.
 #[derive(Debug, clap::Args)]
