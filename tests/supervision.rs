@@ -95,10 +95,12 @@ async fn cut_at_the_deadline(config: Config, orders: u64) {
     while alive_tasks() > baseline && returned.elapsed() < Duration::from_millis(500) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(
-        alive_tasks(),
-        baseline,
-        "tasks still alive {:?} after run returned",
+    // At most: the test's own tasks (its publishing connection) may have
+    // ended meanwhile.
+    let alive = alive_tasks();
+    assert!(
+        alive <= baseline,
+        "{alive} tasks alive against {baseline} before the run, {:?} after it returned",
         returned.elapsed()
     );
 }
