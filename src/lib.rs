@@ -59,6 +59,10 @@ pub struct Report {
 /// [`shutdown::EXIT_FORCED`]) and a fatal error (1).
 pub const EXIT_DRAIN_TIMEOUT: u8 = 75;
 
+/// How long a source may take to close after the drain deadline, once the
+/// pipeline is gone, before it is cancelled.
+const SOURCE_CLOSE_LIMIT: Duration = Duration::from_secs(5);
+
 /// Delivery counts untouched for this long are dropped at start: their
 /// messages were settled long ago.
 const DELIVERY_COUNT_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -229,12 +233,21 @@ pub async fn run_with(
         }
     };
     if !matches!(ended, Ok(true)) {
-        // Cancelled and awaited, so that they are gone (and the work they
-        // held dropped) before the run returns.
-        source_task.abort();
+        // The pipeline is cancelled and awaited, so that it is gone (the
+        // orders it held dropped, unacknowledged) before the run returns.
         pipeline_task.abort();
-        let _ = (&mut source_task).await;
         let _ = (&mut pipeline_task).await;
+        // Its settlements channel is closed now: a source still running
+        // ends as on a clean stop (Kafka commits what was done, the AMQP
+        // connection is closed), within a bound, else it is cancelled too.
+        if !source_task.is_finished()
+            && tokio::time::timeout(SOURCE_CLOSE_LIMIT, &mut source_task)
+                .await
+                .is_err()
+        {
+            source_task.abort();
+            let _ = (&mut source_task).await;
+        }
     }
     root.cancel();
     let _ = http_task.await;
