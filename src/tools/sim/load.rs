@@ -294,3 +294,32 @@ pub(super) fn split(
     let limits = serde_json::from_value(serde_json::Value::Object(limits))?;
     Ok((knobs, limits))
 }
+
+/// The capacity model's flags of `conveyor simulate`, the same limits at
+/// both endpoints (each endpoint has its own queue and rate).
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct LimitArgs {
+    /// Requests each endpoint serves at once; beyond, they queue [0: unbounded].
+    #[arg(long, default_value_t = 0)]
+    pub capacity: u32,
+    /// Requests that may queue at each endpoint; beyond, 503 [0: unbounded].
+    #[arg(long, default_value_t = 0)]
+    pub queue_limit: u32,
+    /// Requests per second each endpoint accepts; beyond, 429 with Retry-After [0: unlimited].
+    #[arg(long, default_value_t = 0)]
+    pub rate_limit: u32,
+}
+
+impl From<LimitArgs> for Limits {
+    fn from(a: LimitArgs) -> Self {
+        let e = EndpointLimits {
+            capacity: a.capacity,
+            queue_limit: a.queue_limit,
+            rate_limit: a.rate_limit,
+        };
+        Limits {
+            validate: e,
+            charge: e,
+        }
+    }
+}

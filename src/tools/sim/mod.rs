@@ -42,7 +42,7 @@ mod handlers;
 mod load;
 mod timer;
 
-pub use load::{EndpointLimits, Limits, LoadStats};
+pub use load::{EndpointLimits, LimitArgs, Limits, LoadStats};
 
 /// Behaviour of one endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
