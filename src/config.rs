@@ -546,6 +546,7 @@ pub struct DownstreamConfig {
     pub breaker: BreakerConfig,
     pub rate_limit: RateLimitConfig,
     pub retry_budget: RetryBudgetConfig,
+    pub concurrency: crate::downstream::concurrency::ConcurrencyConfig,
 }
 
 /// How much retries may add to a downstream's load: over the last `window`,
@@ -595,6 +596,7 @@ impl Default for DownstreamConfig {
             breaker: BreakerConfig::default(),
             rate_limit: RateLimitConfig::default(),
             retry_budget: RetryBudgetConfig::default(),
+            concurrency: Default::default(),
         }
     }
 }
@@ -610,6 +612,7 @@ impl fmt::Debug for DownstreamConfig {
             breaker,
             rate_limit,
             retry_budget,
+            concurrency,
         } = self;
         f.debug_struct("DownstreamConfig")
             .field("url", &redact_url(url))
@@ -619,6 +622,7 @@ impl fmt::Debug for DownstreamConfig {
             .field("breaker", breaker)
             .field("rate_limit", rate_limit)
             .field("retry_budget", retry_budget)
+            .field("concurrency", concurrency)
             .finish()
     }
 }
@@ -1525,6 +1529,9 @@ impl Config {
                     r.burst
                 ),
             );
+            if let Some((field, why)) = d.concurrency.problem() {
+                check(false, &format!("{name}.concurrency.{field}"), why);
+            }
             let rb = &d.retry_budget;
             check(
                 (0.0..=10.0).contains(&rb.ratio),
