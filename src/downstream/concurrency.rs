@@ -13,8 +13,9 @@
 //! * **decrease** (× [`DECREASE_RATIO`]) when the window saw back-pressure,
 //!   or its mean RTT shows a queue at the downstream before it starts
 //!   refusing: RTT ≥ `mean + K·σ` of the RTT history (a sudden rise), or
-//!   RTT ≥ `base·(1 + QUEUE_TOLERANCE) + σ`, `base` being the unloaded RTT
-//!   (a queue that built up slowly, which a moving mean would follow);
+//!   the smoothed RTT and the window's both ≥ `base·(1 + QUEUE_TOLERANCE)
+//!   + QUEUE_K·σ`, `base` being the unloaded RTT (a queue that built up
+//!   slowly, which a moving mean alone would follow);
 //! * **increase** (+1) only when the window reached the limit — a stage
 //!   that never has `limit` orders at once learns nothing about a higher
 //!   one — and its RTT was not inflated in either sense;
@@ -23,26 +24,31 @@
 //! The history is an exponentially weighted mean and variance of the
 //! windows' mean RTTs (weight [`EWMA_ALPHA`] for the newest), updated only
 //! by windows without back-pressure, so an outage's fast errors do not teach
-//! it a short RTT. `base` is the least of those window RTTs over the last
+//! it a short RTT. `base` is the least smoothed RTT (the mean, not one
+//! window's: a lucky window must not set the norm) over the last
 //! one or two [`BASE_PERIOD`]s, so a downstream whose latency really rose
 //! is believed after at most two periods (until then the limit is held
 //! low, the safe side). σ has a floor of [`MIN_DEVIATION`] of the mean: a
 //! downstream with perfectly steady latency would otherwise treat a few
 //! microseconds of scheduling noise as inflation.
 //!
-//! Against a downstream that serves C calls at once the limit saws between
-//! about C and 1.1·C: past C the RTT grows by 1/C per extra call, at 1.1·C
-//! the queue rule cuts it to just under C, where the RTT is the unloaded
-//! one again and the climb restarts — the downstream is kept busy with a
-//! queue of at most a tenth of its capacity.
+//! Against a downstream that serves C calls at once with steady latency the
+//! limit saws between about C and 1.1·C: past C the RTT grows by 1/C per
+//! extra call, at 1.1·C the queue rule cuts it to just under C, where the
+//! RTT is the unloaded one again and the climb restarts — the downstream is
+//! kept busy with a queue of at most a tenth of its capacity. A noisy RTT
+//! (σ) widens the band by `QUEUE_K·σ`: noise must not read as a queue.
 //!
 //! Constants, and why: α = 0.4 follows the last few windows yet smooths one
 //! odd window (Vector's default); ×0.9 gives up 10 % per round trip, fast
 //! enough to halve in about 7 windows, gentle enough that one 503 does not
-//! cost a third of the throughput; K = 2 flags an RTT about two standard
-//! deviations above normal, rare by chance (Vector uses 2.5 over noisier
-//! sinks; here the window means are already averages of many calls); the
-//! queue tolerance 0.1 = 1/0.9 − 1 makes one cut land under the capacity.
+//! cost a third of the throughput; K = 3 flags a window three standard
+//! deviations above normal, rare by chance even at a hundred windows a
+//! second (Vector uses 2.5 over longer windows; measured against the
+//! simulator, 2 cut the limit on noise alone); the queue tolerance
+//! 0.1 = 1/0.9 − 1 makes one cut land under the capacity, and QUEUE_K = 2
+//! keeps a busy host's scheduling noise (σ of 15–25 % of the RTT in a
+//! debug build on a loaded machine) from reading as a queue.
 //!
 //! # Why not a crate
 //!
@@ -77,7 +83,10 @@ pub const EWMA_ALPHA: f64 = 0.4;
 /// The factor a window with back-pressure or inflated RTT cuts the limit by.
 pub const DECREASE_RATIO: f64 = 0.9;
 /// How many standard deviations above its mean an RTT counts as inflated.
-pub const K: f64 = 2.0;
+pub const K: f64 = 3.0;
+/// How many standard deviations above the unloaded RTT (plus its tolerance)
+/// the smoothed RTT must be to count as a queue.
+pub const QUEUE_K: f64 = 2.0;
 /// The least σ counted, as a share of the mean RTT.
 pub const MIN_DEVIATION: f64 = 0.05;
 /// How far above the unloaded RTT a window's RTT may be before it counts
@@ -233,20 +242,9 @@ impl Controller {
             ..Self::default()
         };
         let sigma = mean.map_or(0.0, |m| self.var.sqrt().max(MIN_DEVIATION * m));
-        let queueing = match (current, base) {
-            (Some(rtt), Some(base)) => rtt >= base * (1.0 + QUEUE_TOLERANCE) + sigma,
-            _ => false,
-        };
         let spike = match (current, mean) {
             (Some(rtt), Some(mean)) => rtt >= mean + K * sigma,
             _ => false,
-        };
-        let new = if back_pressure || queueing || spike {
-            ((limit as f64 * DECREASE_RATIO).floor() as usize).max(self.min)
-        } else if reached && current.is_some() {
-            (limit + 1).min(self.max)
-        } else {
-            limit
         };
         if let (false, Some(rtt)) = (back_pressure, current) {
             let diff = ewma(&mut self.mean, rtt);
@@ -256,8 +254,29 @@ impl Controller {
                 self.base_last = self.base_now.take();
                 self.base_period_start = Some(now);
             }
-            self.base_now = Some(self.base_now.map_or(rtt, |b| b.min(rtt)));
+            if let Some(smoothed) = self.mean {
+                self.base_now = Some(self.base_now.map_or(smoothed, |b| b.min(smoothed)));
+            }
         }
+        // Judged on the smoothed RTT: one lucky window must not become the
+        // norm, nor one unlucky window a queue.
+        // The window itself must show it too: the smoothed RTT lags, and
+        // a cut that worked shows at once in the next window's RTT, which
+        // must stop the cutting before the mean has caught up.
+        let queueing = match (self.mean, current, base) {
+            (Some(mean), Some(rtt), Some(base)) => {
+                let over = base * (1.0 + QUEUE_TOLERANCE) + QUEUE_K * sigma;
+                mean >= over && rtt >= over
+            }
+            _ => false,
+        };
+        let new = if back_pressure || queueing || spike {
+            ((limit as f64 * DECREASE_RATIO).floor() as usize).max(self.min)
+        } else if reached && current.is_some() {
+            (limit + 1).min(self.max)
+        } else {
+            limit
+        };
         (new != limit).then_some(new)
     }
 
