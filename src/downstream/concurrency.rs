@@ -13,9 +13,10 @@
 //! * **decrease** (× [`DECREASE_RATIO`]) when the window saw back-pressure,
 //!   or its mean RTT shows a queue at the downstream before it starts
 //!   refusing: RTT ≥ `mean + K·σ` of the RTT history (a sudden rise), or
-//!   the smoothed RTT and the window's both ≥ `base·(1 + QUEUE_TOLERANCE)
-//!   + QUEUE_K·σ`, `base` being the unloaded RTT (a queue that built up
-//!   slowly, which a moving mean alone would follow);
+//!   the smoothed RTT and the window's both reach
+//!   `base·(1 + QUEUE_TOLERANCE) + QUEUE_K·σ`, `base` being the unloaded
+//!   RTT (a queue that built up slowly, which a moving mean alone would
+//!   follow);
 //! * **increase** (+1) only when the window reached the limit — a stage
 //!   that never has `limit` orders at once learns nothing about a higher
 //!   one — and its RTT was not inflated in either sense;
