@@ -153,10 +153,18 @@ pub async fn run_with(
     // on reporting a fate.
     let (settle_tx, settle_rx) = mpsc::unbounded_channel();
     let ctx = Arc::new(pipeline::Context {
-        rules: RuleEngineClient::new(&config.rule_engine, metrics.clone())
-            .context("rule_engine: building the HTTP client")?,
-        payments: PaymentClient::new(&config.payment, metrics.clone())
-            .context("payment: building the HTTP client")?,
+        rules: RuleEngineClient::new(
+            &config.rule_engine,
+            config.pipeline.validate_concurrency,
+            metrics.clone(),
+        )
+        .context("rule_engine: building the HTTP client")?,
+        payments: PaymentClient::new(
+            &config.payment,
+            config.pipeline.charge_concurrency,
+            metrics.clone(),
+        )
+        .context("payment: building the HTTP client")?,
         store: store.clone(),
         settle: settle_tx,
         metrics: metrics.clone(),

@@ -26,6 +26,7 @@ pub struct DownstreamConfig {
     pub breaker: BreakerConfig,
     pub rate_limit: RateLimitConfig,
     pub retry_budget: RetryBudgetConfig,
+    pub concurrency: crate::downstream::concurrency::ConcurrencyConfig,
 }
 
 /// How much retries may add to a downstream's load: over the last `window`,
@@ -75,6 +76,7 @@ impl Default for DownstreamConfig {
             breaker: BreakerConfig::default(),
             rate_limit: RateLimitConfig::default(),
             retry_budget: RetryBudgetConfig::default(),
+            concurrency: Default::default(),
         }
     }
 }
@@ -90,6 +92,7 @@ impl fmt::Debug for DownstreamConfig {
             breaker,
             rate_limit,
             retry_budget,
+            concurrency,
         } = self;
         f.debug_struct("DownstreamConfig")
             .field("url", &redact_url(url))
@@ -99,6 +102,7 @@ impl fmt::Debug for DownstreamConfig {
             .field("breaker", breaker)
             .field("rate_limit", rate_limit)
             .field("retry_budget", retry_budget)
+            .field("concurrency", concurrency)
             .finish()
     }
 }

@@ -7,6 +7,7 @@
 //! attempt, so the downstreams' spans join the producer's trace.
 
 pub mod breaker;
+pub mod concurrency;
 pub mod retry;
 pub mod throttle;
 
@@ -22,6 +23,7 @@ use crate::config::DownstreamConfig;
 use crate::order::Order;
 use crate::telemetry::Metrics;
 pub use breaker::CircuitBreaker;
+use concurrency::{ConcurrencyLimit, ConcurrencyMetrics, Feedback};
 pub use retry::RetryError;
 use throttle::{Throttle, ThrottleMetrics};
 
@@ -188,6 +190,7 @@ struct Endpoint {
     metrics: Arc<Metrics>,
     breaker: Arc<CircuitBreaker>,
     throttle: Throttle,
+    concurrency: Arc<ConcurrencyLimit>,
 }
 
 impl Endpoint {
@@ -195,8 +198,20 @@ impl Endpoint {
         name: &'static str,
         path: &str,
         cfg: &DownstreamConfig,
+        stage_concurrency: usize,
         metrics: Arc<Metrics>,
     ) -> reqwest::Result<Self> {
+        let concurrency = ConcurrencyLimit::new(
+            &cfg.concurrency,
+            stage_concurrency,
+            ConcurrencyMetrics {
+                limit: metrics
+                    .downstream_concurrency_limit
+                    .with_label_values(&[name]),
+                in_flight: metrics.downstream_in_flight.with_label_values(&[name]),
+                rtt: metrics.downstream_rtt.with_label_values(&[name]),
+            },
+        );
         let breaker = CircuitBreaker::new(
             name,
             &cfg.breaker,
@@ -222,6 +237,7 @@ impl Endpoint {
             ),
             metrics,
             breaker: Arc::new(breaker),
+            concurrency: Arc::new(concurrency),
         })
     }
 
@@ -294,7 +310,15 @@ impl Endpoint {
                 let ok = ok.clone();
                 let attempt_span = span.clone();
                 async move {
+                    let started = tokio::time::Instant::now();
                     let res = call::<T>(req).await;
+                    self.concurrency.record(
+                        started,
+                        match &res {
+                            Err(e) if e.is_transient() => Feedback::BackPressure,
+                            _ => Feedback::Answered,
+                        },
+                    );
                     let span = attempt_span;
                     match &res {
                         Ok(_) => {
@@ -370,10 +394,20 @@ pub struct RuleEngineClient {
 }
 
 impl RuleEngineClient {
-    pub fn new(cfg: &DownstreamConfig, metrics: Arc<Metrics>) -> reqwest::Result<Self> {
+    /// `stage_concurrency` is the validate stage's limit in fixed mode.
+    pub fn new(
+        cfg: &DownstreamConfig,
+        stage_concurrency: usize,
+        metrics: Arc<Metrics>,
+    ) -> reqwest::Result<Self> {
         Ok(Self {
-            endpoint: Endpoint::new("rule_engine", "/validate", cfg, metrics)?,
+            endpoint: Endpoint::new("rule_engine", "/validate", cfg, stage_concurrency, metrics)?,
         })
+    }
+
+    /// The concurrency limit the validate stage's pool follows.
+    pub fn concurrency(&self) -> Arc<ConcurrencyLimit> {
+        self.endpoint.concurrency.clone()
     }
 
     /// `POST /validate` with the order as received.
@@ -420,10 +454,20 @@ pub struct PaymentClient {
 }
 
 impl PaymentClient {
-    pub fn new(cfg: &DownstreamConfig, metrics: Arc<Metrics>) -> reqwest::Result<Self> {
+    /// `stage_concurrency` is the charge stage's limit in fixed mode.
+    pub fn new(
+        cfg: &DownstreamConfig,
+        stage_concurrency: usize,
+        metrics: Arc<Metrics>,
+    ) -> reqwest::Result<Self> {
         Ok(Self {
-            endpoint: Endpoint::new("payment", "/charges", cfg, metrics)?,
+            endpoint: Endpoint::new("payment", "/charges", cfg, stage_concurrency, metrics)?,
         })
+    }
+
+    /// The concurrency limit the charge stage's pool follows.
+    pub fn concurrency(&self) -> Arc<ConcurrencyLimit> {
+        self.endpoint.concurrency.clone()
     }
 
     /// `POST /charges` with `Idempotency-Key: <idempotency_key(order_id)>`:
@@ -453,101 +497,4 @@ impl PaymentClient {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Inverse of [`idempotency_key`], for the injectivity property.
-    fn decode_key(key: &str) -> Vec<u8> {
-        let b = key.as_bytes();
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < b.len() {
-            if b[i] == b'%' {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).expect("hex");
-                out.push(u8::from_str_radix(hex, 16).expect("hex"));
-                i += 3;
-            } else {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn idempotency_keys_are_header_safe_and_injective() {
-        let ids = [
-            "o-1",
-            "A-1",
-            " A-1",
-            "A-1 ",
-            "  ",
-            "A%201",
-            "A 1",
-            "Ä-1",
-            "A\u{e4}-1",
-            "café",
-            "注文-1",
-            "%",
-            "%25",
-            "a\tb",
-            "😀",
-            "2026/11/A:17",
-        ];
-        let mut seen = std::collections::HashMap::new();
-        for id in ids {
-            let key = idempotency_key(id);
-            // A header value HTTP carries byte for byte: visible ASCII only,
-            // so nothing to trim and nothing to re-encode.
-            assert!(key.bytes().all(|b| (0x21..=0x7e).contains(&b)), "{key:?}");
-            assert!(HeaderValue::from_str(&key).is_ok());
-            assert_eq!(decode_key(&key), id.as_bytes(), "{id:?}");
-            if let Some(other) = seen.insert(key.to_string(), id) {
-                panic!("{id:?} and {other:?} share the key {key}");
-            }
-        }
-        assert_eq!(idempotency_key("o-1"), "o-1");
-        assert_eq!(idempotency_key(" A-1"), "%20A-1");
-        assert_eq!(idempotency_key("A%201"), "A%25201");
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn every_id_round_trips_through_its_key(id in "(?s).{0,40}") {
-            let key = idempotency_key(&id);
-            proptest::prop_assert!(key.bytes().all(|b| (0x21..=0x7e).contains(&b)));
-            proptest::prop_assert_eq!(decode_key(&key), id.as_bytes());
-        }
-    }
-
-    #[test]
-    fn well_formed_traceparents_are_forwarded_as_they_are() {
-        for tp in [
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
-            // A later version may carry more fields.
-            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
-        ] {
-            let got = traceparent_header(tp).unwrap_or_else(|| panic!("{tp} refused"));
-            assert_eq!(got.to_str().ok(), Some(tp));
-        }
-    }
-
-    #[test]
-    fn malformed_traceparents_are_dropped() {
-        for tp in [
-            "",
-            "garbage",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
-            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\n",
-        ] {
-            assert!(traceparent_header(tp).is_none(), "{tp:?} accepted");
-        }
-    }
-}
+mod tests;

@@ -285,8 +285,18 @@ mod tests {
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let (settle, _) = mpsc::unbounded_channel();
         Context {
-            rules: RuleEngineClient::new(&config.rule_engine, metrics.clone()).expect("client"),
-            payments: PaymentClient::new(&config.payment, metrics.clone()).expect("client"),
+            rules: RuleEngineClient::new(
+                &config.rule_engine,
+                config.pipeline.validate_concurrency,
+                metrics.clone(),
+            )
+            .expect("client"),
+            payments: PaymentClient::new(
+                &config.payment,
+                config.pipeline.charge_concurrency,
+                metrics.clone(),
+            )
+            .expect("client"),
             health: Default::default(),
             store,
             settle,

@@ -151,11 +151,22 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config::default();
         config.database.url = format!("sqlite://{}", dir.path().join("c.db").display());
+        config.pipeline.charge_concurrency = 2;
         let metrics = Arc::new(Metrics::new().expect("metrics"));
         let (settle, mut settled) = mpsc::unbounded_channel();
         let ctx = Arc::new(Context {
-            rules: RuleEngineClient::new(&config.rule_engine, metrics.clone()).expect("client"),
-            payments: PaymentClient::new(&config.payment, metrics.clone()).expect("client"),
+            rules: RuleEngineClient::new(
+                &config.rule_engine,
+                config.pipeline.validate_concurrency,
+                metrics.clone(),
+            )
+            .expect("client"),
+            payments: PaymentClient::new(
+                &config.payment,
+                config.pipeline.charge_concurrency,
+                metrics.clone(),
+            )
+            .expect("client"),
             health: Default::default(),
             store: Store::connect(&config.database).await.expect("store"),
             settle,
@@ -204,7 +215,7 @@ mod tests {
         stage(
             ctx.clone(),
             Stage::Charge,
-            2,
+            ctx.payments.concurrency(),
             ctx.payments.breaker(),
             rx,
             move |it: InFlight| {

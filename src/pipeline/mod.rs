@@ -34,11 +34,12 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
 use crate::config::Config;
+use crate::downstream::concurrency::ConcurrencyLimit;
 use crate::downstream::retry::FullJitter;
 use crate::downstream::{
     ChargeStatus, CircuitBreaker, PaymentClient, RetryError, RuleEngineClient,
@@ -250,7 +251,7 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
         stage(
             ctx.clone(),
             Stage::Validate,
-            ctx.config.pipeline.validate_concurrency,
+            ctx.rules.concurrency(),
             ctx.rules.breaker(),
             validate_rx,
             move |it: InFlight| {
@@ -291,7 +292,7 @@ pub async fn run(ctx: Arc<Context>, deliveries: mpsc::Receiver<Delivery>) {
         stage(
             ctx.clone(),
             Stage::Charge,
-            ctx.config.pipeline.charge_concurrency,
+            ctx.payments.concurrency(),
             ctx.payments.breaker(),
             charge_rx,
             move |it: InFlight| {
@@ -497,14 +498,15 @@ async fn lookup(ctx: &Context, ids: &[String]) -> StoredDigests {
     }
 }
 
-/// A bounded worker pool: at most `concurrency` items are worked on at
-/// once, and no item is taken from `input` until a worker is free and the
+/// A bounded worker pool: at most the downstream's concurrency limit of
+/// items are worked on at once (the pool follows the limit as it moves; see
+/// `downstream::concurrency`), and no item is taken from `input` until a worker is free and the
 /// downstream's circuit lets calls through, so a slow or failing stage
 /// pushes back on the one before it.
 async fn stage<F, Fut>(
     ctx: Arc<Context>,
     name: Stage,
-    concurrency: usize,
+    limit: Arc<ConcurrencyLimit>,
     breaker: Arc<CircuitBreaker>,
     mut input: mpsc::Receiver<InFlight>,
     work: F,
@@ -512,7 +514,6 @@ async fn stage<F, Fut>(
     F: Fn(InFlight) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(concurrency));
     // Owned by the stage: when the stage is dropped (the run aborted at
     // the drain deadline) its workers go with it.
     let mut tasks = JoinSet::new();
@@ -527,7 +528,7 @@ async fn stage<F, Fut>(
     // The stage is what an outage stops, so it is also what reports one.
     ctx.health.watch(breaker.clone());
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
+        let Some(mut slot) = limit.acquire().await else {
             break;
         };
         // While the circuit is open an item taken now could only wait, and
@@ -538,6 +539,7 @@ async fn stage<F, Fut>(
         let Some(item) = input.recv().await else {
             break;
         };
+        slot.busy(&limit);
         // Reap the finished ones, or the set would keep every result.
         while tasks.try_join_next().is_some() {}
         let salvage = item.salvage();

@@ -45,6 +45,12 @@ pub struct Metrics {
     pub downstream_pauses: IntCounterVec,
     /// Retries that found the downstream's retry budget spent and waited.
     pub downstream_retry_budget_refusals: IntCounterVec,
+    /// A downstream's current concurrency limit (fixed or adaptive).
+    pub downstream_concurrency_limit: IntGaugeVec,
+    /// Orders being worked on against a downstream.
+    pub downstream_in_flight: IntGaugeVec,
+    /// Round-trip time of a downstream's answered attempts.
+    pub downstream_rtt: HistogramVec,
     pub batch_orders: Histogram,
     pub batch_commit_duration: Histogram,
     pub batch_commit_retries: IntCounter,
@@ -186,6 +192,28 @@ impl Metrics {
                 ),
                 &["downstream"],
             )?,
+            downstream_concurrency_limit: IntGaugeVec::new(
+                Opts::new(
+                    "downstream_concurrency_limit",
+                    "Orders a downstream's stage may work on at once.",
+                ),
+                &["downstream"],
+            )?,
+            downstream_in_flight: IntGaugeVec::new(
+                Opts::new(
+                    "downstream_in_flight",
+                    "Orders being worked on against a downstream.",
+                ),
+                &["downstream"],
+            )?,
+            downstream_rtt: HistogramVec::new(
+                HistogramOpts::new(
+                    "downstream_rtt_seconds",
+                    "Round-trip time of a downstream's answered attempts.",
+                )
+                .buckets(latency.clone()),
+                &["downstream"],
+            )?,
             downstream_retry_budget_refusals: IntCounterVec::new(
                 Opts::new(
                     "downstream_retry_budget_refusals_total",
@@ -317,6 +345,11 @@ impl Metrics {
         m.registry.register(Box::new(m.downstream_pauses.clone()))?;
         m.registry
             .register(Box::new(m.downstream_retry_budget_refusals.clone()))?;
+        m.registry
+            .register(Box::new(m.downstream_concurrency_limit.clone()))?;
+        m.registry
+            .register(Box::new(m.downstream_in_flight.clone()))?;
+        m.registry.register(Box::new(m.downstream_rtt.clone()))?;
         m.registry.register(Box::new(m.batch_orders.clone()))?;
         m.registry
             .register(Box::new(m.batch_commit_duration.clone()))?;
@@ -360,6 +393,10 @@ impl Metrics {
             m.downstream_retry_budget_refusals
                 .with_label_values(&[downstream]);
             m.downstream_requests.with_label_values(&[downstream, "ok"]);
+            m.downstream_concurrency_limit
+                .with_label_values(&[downstream]);
+            m.downstream_in_flight.with_label_values(&[downstream]);
+            m.downstream_rtt.with_label_values(&[downstream]);
         }
         for outcome in Outcome::ALL {
             m.orders.with_label_values(&[outcome.as_str()]);

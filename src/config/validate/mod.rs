@@ -295,6 +295,9 @@ impl Config {
                     r.burst
                 ),
             );
+            if let Some((field, why)) = d.concurrency.problem() {
+                check(false, &format!("{name}.concurrency.{field}"), why);
+            }
             let rb = &d.retry_budget;
             check(
                 (0.0..=10.0).contains(&rb.ratio),

@@ -30,6 +30,9 @@ pub struct SimulateCli {
     /// Fraction of charges declined.
     #[arg(long, default_value_t = 0.0)]
     decline_rate: f64,
+    /// The capacity model: --capacity, --queue-limit, --rate-limit.
+    #[command(flatten)]
+    limits: sim::LimitArgs,
 }
 
 impl SimulateCli {
@@ -54,7 +57,7 @@ async fn simulate(a: SimulateCli) -> anyhow::Result<()> {
         decline_rate: a.decline_rate,
     };
     let stop = crate::shutdown::install()?;
-    let handle = sim::start(a.listen, knobs).await?;
+    let handle = sim::start_with(a.listen, knobs, a.limits.into()).await?;
     tracing::info!(url = %handle.url, "simulator listening (POST /validate, POST /charges, GET /ledger, GET|PUT /knobs)");
     stop.cancelled().await;
     handle.stop().await;

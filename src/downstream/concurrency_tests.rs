@@ -1,0 +1,225 @@
+use std::sync::atomic::AtomicBool;
+
+use super::*;
+
+fn metrics() -> ConcurrencyMetrics {
+    ConcurrencyMetrics {
+        limit: IntGauge::new("limit", "limit").expect("gauge"),
+        in_flight: IntGauge::new("in_flight", "in flight").expect("gauge"),
+        rtt: Histogram::with_opts(prometheus::HistogramOpts::new("rtt", "rtt")).expect("histogram"),
+    }
+}
+
+fn adaptive(initial: usize, min: usize, max: usize) -> Arc<ConcurrencyLimit> {
+    let cfg = ConcurrencyConfig {
+        mode: Mode::Adaptive,
+        initial,
+        min,
+        max,
+    };
+    assert_eq!(cfg.problem(), None);
+    Arc::new(ConcurrencyLimit::new(&cfg, 64, metrics()))
+}
+
+/// A downstream that serves `capacity` calls at once in `latency` each and
+/// queues the rest: a call's RTT grows with the calls in flight beyond it.
+#[derive(Clone)]
+struct Model {
+    latency: Duration,
+    capacity: Arc<AtomicUsize>,
+    /// Calls answered 503 while this is set.
+    failing: Arc<AtomicBool>,
+}
+
+/// Runs `workers` stage workers (each: a slot, one call, again) until
+/// `stop`; returns the calls made, and checks the pool never held more busy
+/// slots than the limit allowed when each was taken.
+async fn drive(
+    limit: Arc<ConcurrencyLimit>,
+    model: Model,
+    workers: usize,
+    run_for: Duration,
+) -> (usize, Vec<usize>) {
+    let done = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + run_for;
+    let mut tasks = tokio::task::JoinSet::new();
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    for _ in 0..workers {
+        let (limit, model, done) = (limit.clone(), model.clone(), done.clone());
+        tasks.spawn(async move {
+            while Instant::now() < deadline {
+                let Some(mut slot) = limit.acquire().await else {
+                    return;
+                };
+                slot.busy(&limit);
+                let in_flight = limit.in_flight();
+                let cap = model.capacity.load(Ordering::Acquire).max(1);
+                let rtt = model
+                    .latency
+                    .mul_f64((in_flight as f64 / cap as f64).max(1.0));
+                let started = Instant::now();
+                tokio::time::sleep(rtt).await;
+                let feedback = if model.failing.load(Ordering::Acquire) {
+                    Feedback::BackPressure
+                } else {
+                    Feedback::Answered
+                };
+                limit.record(started, feedback);
+                done.fetch_add(1, Ordering::AcqRel);
+                drop(slot);
+            }
+        });
+    }
+    // Sample the limit every 100 ms.
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(mut s) = samples.lock() {
+            s.push(limit.limit());
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    let samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    (done.load(Ordering::Acquire), samples)
+}
+
+fn model(latency_ms: u64, capacity: usize) -> Model {
+    Model {
+        latency: Duration::from_millis(latency_ms),
+        capacity: Arc::new(AtomicUsize::new(capacity)),
+        failing: Arc::new(AtomicBool::new(false)),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_limit_grows_by_one_per_round_trip_while_it_is_reached() {
+    let limit = adaptive(4, 1, 1000);
+    // A downstream with room to spare and more work than the limit.
+    let (_, samples) = drive(
+        limit.clone(),
+        model(10, 1000),
+        200,
+        Duration::from_millis(500),
+    )
+    .await;
+    let grown = limit.limit();
+    // 500 ms of 10 ms round trips: about +1 per window, 50 windows.
+    assert!(
+        (30..=60).contains(&grown),
+        "limit {grown}, samples {samples:?}"
+    );
+    assert!(samples.windows(2).all(|w| w[0] <= w[1]), "{samples:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_limit_does_not_grow_when_it_is_never_reached() {
+    let limit = adaptive(8, 1, 1000);
+    // Three workers: never eight orders at once.
+    drive(
+        limit.clone(),
+        model(10, 1000),
+        3,
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(limit.limit(), 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_limit_stops_at_its_ceiling() {
+    let limit = adaptive(4, 1, 20);
+    let (_, samples) = drive(limit.clone(), model(10, 1000), 200, Duration::from_secs(1)).await;
+    assert_eq!(limit.limit(), 20);
+    assert!(samples.iter().all(|l| *l <= 20), "{samples:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn back_pressure_cuts_the_limit_by_a_tenth_per_window_down_to_its_floor() {
+    let limit = adaptive(100, 5, 200);
+    let m = model(10, 1000);
+    m.failing.store(true, Ordering::Release);
+    // The first answers (at 10 ms) open the window; it closes one RTT later:
+    // hundreds of errors, one cut per 10 ms window after the first.
+    let started = Instant::now();
+    let (errors, _) = drive(limit.clone(), m.clone(), 200, Duration::from_millis(25)).await;
+    let windows = (started.elapsed().as_millis() / 10) as usize;
+    let cuts: Vec<usize> =
+        std::iter::successors(Some(100usize), |l| Some((*l as f64 * 0.9) as usize))
+            .take(windows)
+            .collect();
+    assert!(errors >= 400, "{errors}");
+    assert!(limit.limit() < 100, "no cut");
+    assert!(
+        cuts.contains(&limit.limit()),
+        "{} after {windows} windows",
+        limit.limit()
+    );
+    let (_, samples) = drive(limit.clone(), m, 200, Duration::from_secs(2)).await;
+    assert_eq!(limit.limit(), 5, "{samples:?}");
+    assert!(samples.iter().all(|l| *l >= 5), "{samples:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_limit_settles_near_the_downstreams_capacity_and_follows_it() {
+    let limit = adaptive(4, 1, 500);
+    let m = model(10, 48);
+    drive(limit.clone(), m.clone(), 500, Duration::from_secs(5)).await;
+    let at48 = limit.limit();
+    assert!((36..=60).contains(&at48), "at capacity 48: {at48}");
+    m.capacity.store(12, Ordering::Release);
+    let (_, samples) = drive(limit.clone(), m.clone(), 500, Duration::from_secs(5)).await;
+    let at12 = limit.limit();
+    assert!(
+        (9..=15).contains(&at12),
+        "at capacity 12: {at12}, {samples:?}"
+    );
+    m.capacity.store(32, Ordering::Release);
+    drive(limit.clone(), m, 500, Duration::from_secs(5)).await;
+    let at32 = limit.limit();
+    assert!((24..=40).contains(&at32), "at capacity 32: {at32}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cut_lets_work_in_flight_finish_and_takes_no_more_until_under_it() {
+    let limit = adaptive(10, 1, 10);
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let mut s = limit.acquire().await.expect("slot");
+        s.busy(&limit);
+        held.push(s);
+    }
+    // Back-pressure over a window: 10 → 9, with every slot in use.
+    limit.record(Instant::now(), Feedback::BackPressure);
+    tokio::time::advance(Duration::from_millis(2)).await;
+    limit.record(Instant::now(), Feedback::BackPressure);
+    assert_eq!(limit.limit(), 9);
+    assert_eq!(limit.in_flight(), 10);
+    // The first slot back pays the debt; only the second frees room.
+    held.pop();
+    let mut next = Box::pin(limit.acquire());
+    assert!(futures::poll!(&mut next).is_pending());
+    held.pop();
+    assert!(futures::poll!(&mut next).is_ready());
+}
+
+#[test]
+fn fixed_mode_is_the_stage_concurrency() {
+    let limit = ConcurrencyLimit::new(&ConcurrencyConfig::default(), 64, metrics());
+    assert_eq!(limit.limit(), 64);
+    limit.record(Instant::now(), Feedback::BackPressure);
+    assert_eq!(limit.limit(), 64);
+}
+
+#[test]
+fn bad_bounds_are_named() {
+    let cfg = |initial, min, max| ConcurrencyConfig {
+        mode: Mode::Adaptive,
+        initial,
+        min,
+        max,
+    };
+    assert_eq!(cfg(8, 1, 256).problem(), None);
+    assert_eq!(cfg(8, 0, 256).problem().map(|p| p.0), Some("min"));
+    assert_eq!(cfg(300, 1, 256).problem().map(|p| p.0), Some("initial"));
+    assert_eq!(cfg(8, 1, 0).problem().map(|p| p.0), Some("max"));
+    assert_eq!(cfg(8, 9, 8).problem().map(|p| p.0), Some("min"));
+}
