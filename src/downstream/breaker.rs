@@ -492,7 +492,7 @@ mod tests {
             call(&b, refused());
         }
         assert!(b.is_closed());
-        call(&b, Err(CallError::Transport("timeout: deadline".into())));
+        call(&b, Err(super::super::testing::timeout_error()));
         call(
             &b,
             Err(CallError::Status {
