@@ -316,7 +316,7 @@ mod tests {
             &cfg(200),
             &no_breaker(),
             &unthrottled(),
-            || async { Err::<(), _>(CallError::Transport("connection refused".into())) },
+            || async { Err::<(), _>(super::super::testing::connect_error()) },
             |_, _| {},
         )
         .await
