@@ -144,16 +144,27 @@ async fn nothing_outlives_a_run_cut_by_the_drain_deadline_on_kafka() {
     c.kafka
         .properties
         .insert("session.timeout.ms".into(), "6000".into());
-    let threads = rdkafka_threads();
+    // The test's own producer winds its threads down after it is dropped:
+    // count once that has settled.
+    let mut threads = rdkafka_threads();
+    let settling = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = rdkafka_threads();
+        if now == threads || settling.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        threads = now;
+    }
     cut_at_the_deadline(c, 20).await;
     let returned = Instant::now();
     while rdkafka_threads() > threads && returned.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        rdkafka_threads(),
-        threads,
-        "the consumer's librdkafka threads are gone"
+    let left = rdkafka_threads();
+    assert!(
+        left <= threads,
+        "the consumer's librdkafka threads are gone: {left} against {threads} before the run"
     );
     env.cleanup().await;
 }
