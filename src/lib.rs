@@ -24,13 +24,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::{Config, SourceKind};
 use crate::downstream::{PaymentClient, RuleEngineClient};
 use crate::source::kafka::KafkaSource;
+use crate::source::prefetch::{FollowInputs, Prefetch};
 use crate::source::rabbitmq::RabbitSource;
 use crate::store::Store;
 use crate::telemetry::{Health, Metrics};
@@ -145,8 +146,6 @@ pub async fn run_with(
     let http_task = AbortOnDropHandle::new(http_task);
     tracing::info!(addr = %http_addr, "serving /metrics /healthz /readyz");
 
-    let prefetch = config.source.prefetch as usize;
-    let permits = Arc::new(Semaphore::new(prefetch));
     let (deliveries_tx, deliveries_rx) = mpsc::channel(config.pipeline.channel_capacity);
     // Unbounded on purpose: every settlement carries a prefetch permit, so
     // at most `prefetch` can be queued, and the pipeline must never block
@@ -171,6 +170,36 @@ pub async fn run_with(
         health: health.clone(),
         config: config.clone(),
     });
+    // The prefetch limit: `source.prefetch`, or following what the stages
+    // can work on (see `source::prefetch`), recomputed by a task of its own.
+    let follow = &config.source.prefetch_follow;
+    let ceiling = config.source.prefetch as usize;
+    let follow_inputs = follow.enabled.then(|| FollowInputs {
+        stages: vec![ctx.rules.concurrency(), ctx.payments.concurrency()],
+        floor: follow.floor as usize,
+        ceiling,
+        batch_max_size: config.batch.max_size,
+        batch_writers: config.batch.writers,
+        batch_max_wait: config.batch.max_wait,
+    });
+    let permits = Arc::new(Prefetch::new(
+        follow_inputs.as_ref().map_or(ceiling, FollowInputs::initial),
+        metrics.prefetch_limit.clone(),
+    ));
+    let _follow_task = follow_inputs.map(|inputs| {
+        tracing::info!(
+            floor = inputs.floor,
+            ceiling = inputs.ceiling,
+            initial = permits.limit(),
+            "the prefetch follows the stages"
+        );
+        AbortOnDropHandle::new(tokio::spawn(source::prefetch::follow(
+            permits.clone(),
+            inputs,
+            metrics.clone(),
+            root.child_token(),
+        )))
+    });
     let stop_intake = root.child_token();
     let stop = stop_intake.clone();
     let source_task: tokio::task::JoinHandle<anyhow::Result<()>> = match config.source.kind {
@@ -178,6 +207,7 @@ pub async fn run_with(
             let source = RabbitSource::connect(
                 &config.rabbitmq,
                 config.source.prefetch,
+                follow.enabled.then(|| permits.subscribe()),
                 metrics.clone(),
                 health.clone(),
             )

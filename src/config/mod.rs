@@ -38,7 +38,8 @@ pub use secret::{
     Secret, REDACTED,
 };
 pub use source::{
-    KafkaConfig, KafkaSecurity, QueueType, RabbitConfig, RabbitTls, SourceConfig, SourceKind,
+    KafkaConfig, KafkaSecurity, PrefetchFollow, QueueType, RabbitConfig, RabbitTls, SourceConfig,
+    SourceKind,
 };
 pub use store::DatabaseConfig;
 pub use telemetry::{HttpConfig, LogConfig, LogFormat, OtlpConfig, TelemetryConfig};

@@ -36,6 +36,33 @@ pub struct SourceConfig {
     /// quorum queues (`x-delivery-count`), otherwise by a small record in
     /// the store written before the work. 0 turns counting off.
     pub max_deliveries: u32,
+    /// `[source.prefetch_follow]`: let the number of unacknowledged
+    /// messages follow what the stages can work on, between `floor` and
+    /// `prefetch` (see `source::prefetch`).
+    pub prefetch_follow: PrefetchFollow,
+}
+
+/// `[source.prefetch_follow]`: off by default, when `source.prefetch` is
+/// what is held whatever the stages can do.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrefetchFollow {
+    /// Hold at most the stages' current concurrency limits, plus what the
+    /// batcher fills during one batch at the current rate, plus a small
+    /// slack, instead of `source.prefetch` always. RabbitMQ: re-issued at
+    /// run time as a per-channel `basic.qos` (classic queues only).
+    pub enabled: bool,
+    /// The least prefetch ever used (1..=`source.prefetch`).
+    pub floor: u32,
+}
+
+impl Default for PrefetchFollow {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            floor: 16,
+        }
+    }
 }
 
 impl Default for SourceConfig {
@@ -45,6 +72,7 @@ impl Default for SourceConfig {
             prefetch: 512,
             max_message_bytes: 64 * 1024,
             max_deliveries: 5,
+            prefetch_follow: PrefetchFollow::default(),
         }
     }
 }

@@ -402,7 +402,7 @@ mod tests {
                     generation: 1,
                     delivery_tag: i as u64,
                 },
-                _permit: permits.clone().try_acquire_owned().expect("permit"),
+                _permit: permits.clone().try_acquire_owned().expect("permit").into(),
                 _held: crate::source::Held::new(&ctx.metrics),
                 span: tracing::Span::none(),
             },

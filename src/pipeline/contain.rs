@@ -187,7 +187,7 @@ mod tests {
                     generation: 1,
                     delivery_tag: tag,
                 },
-                _permit: permits.clone().acquire_owned().await.expect("permit"),
+                _permit: permits.clone().acquire_owned().await.expect("permit").into(),
                 _held: Held::new(&metrics),
                 span: tracing::Span::none(),
             };

@@ -1,6 +1,7 @@
 //! Sources: where deliveries come from and where their fate goes back to.
 //!
-//! A source runs two loops. *Intake* takes a prefetch permit, then a message
+//! A source runs two loops. *Intake* takes a prefetch permit (see
+//! [`prefetch`]: the limit is fixed, or follows the stages), then a message
 //! from the broker, and hands the pipeline a [`Delivery`]; when the permits are
 //! gone it stops pulling, which is the daemon's backpressure. *Settlement*
 //! receives [`Settlement`]s from the pipeline (stored, or to be
@@ -11,6 +12,7 @@
 //! and [`Settlement`]. A Kafka source plugs in with its own token variant.
 
 pub mod kafka;
+pub mod prefetch;
 pub mod rabbitmq;
 
 use std::fmt;
@@ -18,7 +20,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::outcome::{DeadLetterReason, Stage};
 use crate::telemetry::Metrics;
@@ -68,7 +69,7 @@ impl fmt::Display for Position {
 pub struct AckToken {
     pub(crate) kind: TokenKind,
     /// Released when the settlement is handled (the broker was told).
-    pub(crate) _permit: OwnedSemaphorePermit,
+    pub(crate) _permit: prefetch::PrefetchPermit,
     pub(crate) _held: Held,
     /// The order's span ([`process_span`](crate::telemetry::traces::process_span)):
     /// it ends when the last handle goes, which is this token's, once the

@@ -55,6 +55,9 @@ pub struct Metrics {
     pub batch_commit_duration: Histogram,
     pub batch_commit_retries: IntCounter,
     pub unacked: IntGauge,
+    /// The prefetch limit now: `source.prefetch`, or where it follows the
+    /// stages to (`[source.prefetch_follow]`).
+    pub prefetch_limit: IntGauge,
     pub end_to_end: Histogram,
     pub ready: IntGauge,
     pub kafka_lag: IntGaugeVec,
@@ -240,6 +243,11 @@ impl Metrics {
                 "unacked_messages",
                 "Messages held and not yet acknowledged (prefetch permits in use).",
             )?,
+            prefetch_limit: IntGauge::new(
+                "prefetch_limit",
+                "The most unacknowledged messages held at once now (source.prefetch, or \
+                 where it follows the stages to).",
+            )?,
             end_to_end: Histogram::with_opts(
                 HistogramOpts::new(
                     "end_to_end_latency_seconds",
@@ -356,6 +364,7 @@ impl Metrics {
         m.registry
             .register(Box::new(m.batch_commit_retries.clone()))?;
         m.registry.register(Box::new(m.unacked.clone()))?;
+        m.registry.register(Box::new(m.prefetch_limit.clone()))?;
         m.registry.register(Box::new(m.end_to_end.clone()))?;
         m.registry.register(Box::new(m.ready.clone()))?;
         m.registry.register(Box::new(m.kafka_lag.clone()))?;

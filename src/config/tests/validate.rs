@@ -328,3 +328,40 @@ fn log_level_must_be_a_filter() {
         assert!(got.is_ok(), "{good:?}: {:?}", got.err());
     }
 }
+
+#[test]
+fn prefetch_follow_keys_are_checked_with_their_names() {
+    let ok = Config::load_with_env(
+        None,
+        Some(env(&[
+            ("CONVEYOR__SOURCE__PREFETCH_FOLLOW__ENABLED", "true"),
+            ("CONVEYOR__SOURCE__PREFETCH_FOLLOW__FLOOR", "8"),
+        ])),
+    )
+    .expect("a floor under source.prefetch");
+    assert!(ok.source.prefetch_follow.enabled);
+    assert_eq!(ok.source.prefetch_follow.floor, 8);
+
+    let err = Config::load_with_env(
+        None,
+        Some(env(&[
+            ("CONVEYOR__SOURCE__PREFETCH", "100"),
+            ("CONVEYOR__SOURCE__PREFETCH_FOLLOW__ENABLED", "true"),
+            ("CONVEYOR__SOURCE__PREFETCH_FOLLOW__FLOOR", "101"),
+        ])),
+    )
+    .expect_err("a floor above the ceiling")
+    .to_string();
+    assert!(
+        err.contains("source.prefetch_follow.floor: must be in 1..=source.prefetch (100), got 101"),
+        "{err}"
+    );
+
+    let mut c = Config::default();
+    c.source.prefetch_follow.enabled = true;
+    c.rabbitmq.queue_type = QueueType::Quorum;
+    let err = c.validate().expect_err("quorum queues").to_string();
+    assert!(err.contains("source.prefetch_follow.enabled"), "{err}");
+    c.source.prefetch_follow.enabled = false;
+    c.validate().expect("off, a quorum queue is fine");
+}

@@ -112,6 +112,26 @@ impl Config {
                 self.source.max_deliveries
             ),
         );
+        let follow = &self.source.prefetch_follow;
+        if follow.enabled {
+            check(
+                (1..=self.source.prefetch).contains(&follow.floor),
+                "source.prefetch_follow.floor",
+                format!(
+                    "must be in 1..=source.prefetch ({}), got {}",
+                    self.source.prefetch, follow.floor
+                ),
+            );
+            check(
+                self.source.kind != SourceKind::Rabbitmq
+                    || self.rabbitmq.queue_type != QueueType::Quorum,
+                "source.prefetch_follow.enabled",
+                "needs a classic queue on RabbitMQ: the prefetch is changed at run time \
+                 with a per-channel basic.qos, which quorum queues do not support \
+                 (rabbitmq.queue_type = \"quorum\")"
+                    .into(),
+            );
+        }
         if self.rabbitmq.queue_type == QueueType::Quorum {
             check(
                 (1..=1_000_000).contains(&self.rabbitmq.delivery_limit),

@@ -12,12 +12,13 @@ use bytes::Bytes;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Headers;
 use rdkafka::Message;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::consumable::Consumable;
 use super::offsets::OffsetTracker;
 use super::{KafkaConsumer, KafkaSourceError};
+use crate::source::prefetch::Prefetch;
 use crate::source::{AckToken, Delivery, Held, Position, TokenKind};
 use crate::telemetry::{traces, Metrics};
 
@@ -26,7 +27,7 @@ pub(super) async fn intake(
     consumer: Arc<KafkaConsumer>,
     tracker: Arc<Mutex<OffsetTracker>>,
     prefetch: u64,
-    permits: Arc<Semaphore>,
+    permits: Arc<Prefetch>,
     deliveries: mpsc::Sender<Delivery>,
     stop: CancellationToken,
     closing: CancellationToken,
@@ -37,13 +38,14 @@ pub(super) async fn intake(
     let mut topics: HashMap<String, Arc<str>> = HashMap::new();
     let outcome = loop {
         // Without a permit nothing more is received: librdkafka's fetch
-        // queue fills up to its cap and fetching stops.
+        // queue fills up to its cap and fetching stops. With the prefetch
+        // following the stages, the permit count is what follows.
         let permit = tokio::select! {
             biased;
             _ = stop.cancelled() => break Ok(()),
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break Ok(()),
+            p = permits.acquire() => match p {
+                Some(p) => p,
+                None => break Ok(()),
             },
         };
         let msg = tokio::select! {

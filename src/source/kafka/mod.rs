@@ -46,10 +46,11 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+use super::prefetch::Prefetch;
 use super::{Delivery, Settlement};
 use crate::config::KafkaConfig;
 use crate::telemetry::{Health, Metrics};
@@ -180,7 +181,7 @@ impl KafkaSource {
 
     pub async fn run(
         mut self,
-        permits: Arc<Semaphore>,
+        permits: Arc<Prefetch>,
         deliveries: mpsc::Sender<Delivery>,
         settlements: mpsc::UnboundedReceiver<Settlement>,
         stop_intake: CancellationToken,

@@ -12,12 +12,13 @@ use futures::StreamExt;
 use lapin::options::BasicCancelOptions;
 use lapin::types::{AMQPValue, ShortString};
 use lapin::Consumer;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::session::{Link, Session};
 use super::{RabbitError, TIMESTAMP_HEADER};
 use crate::config::{QueueType, RabbitConfig};
+use crate::source::prefetch::Prefetch;
 use crate::source::{AckToken, Delivery, Held, Position, TokenKind};
 use crate::telemetry::{traces, Health, Metrics};
 
@@ -56,7 +57,7 @@ pub(super) async fn intake(
     mut consumer: Consumer,
     sessions: &watch::Sender<Arc<Session>>,
     queue: Arc<str>,
-    permits: Arc<Semaphore>,
+    permits: Arc<Prefetch>,
     deliveries: mpsc::Sender<Delivery>,
     stop: CancellationToken,
     health: &Health,
@@ -123,7 +124,7 @@ async fn consume_session(
     consumer: &mut Consumer,
     cfg: &RabbitConfig,
     queue: &Arc<str>,
-    permits: &Arc<Semaphore>,
+    permits: &Prefetch,
     deliveries: &mpsc::Sender<Delivery>,
     stop: &CancellationToken,
     metrics: &Arc<Metrics>,
@@ -137,9 +138,9 @@ async fn consume_session(
             biased;
             _ = stop.cancelled() => return Ended::Stopped,
             _ = session.lost.cancelled() => return lost(),
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return Ended::Stopped,
+            p = permits.acquire() => match p {
+                Some(p) => p,
+                None => return Ended::Stopped,
             },
         };
         let next = tokio::select! {

@@ -39,13 +39,15 @@ use lapin::uri::AMQPUri;
 use lapin::{
     Channel, Connection, ConnectionProperties, Consumer, DefaultConnectionBuilder, ExchangeKind,
 };
-use tokio::sync::{mpsc, watch, Semaphore};
+use lapin::options::BasicQosOptions;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::prefetch::Prefetch;
 use super::{Delivery, Settlement};
 use crate::config::{resolve_secret, QueueType, RabbitConfig};
 use crate::telemetry::{Health, Metrics};
-use session::{Link, Session};
+use session::{channel_prefetch, Link, Session};
 
 /// Header RabbitMQ's message-timestamp plugin (and `conveyor produce`) set:
 /// publish time in Unix milliseconds.
@@ -285,6 +287,41 @@ pub async fn declare_topology(channel: &Channel, cfg: &RabbitConfig) -> Result<(
     Ok(())
 }
 
+/// Re-issues the per-channel `basic.qos` on the live session whenever the
+/// following prefetch limit moves (see `session` for why per channel). A
+/// session opened meanwhile sets the then current limit itself; a failed
+/// `basic.qos` means the channel is gone, which intake notices and
+/// reconnects.
+async fn follow_qos(
+    mut follow: watch::Receiver<u32>,
+    mut sessions: watch::Receiver<Arc<Session>>,
+) {
+    let mut set: Option<(u64, u32)> = None;
+    loop {
+        let session = sessions.borrow_and_update().clone();
+        let limit = *follow.borrow_and_update();
+        if !session.lost.is_cancelled() && set != Some((session.generation, limit)) {
+            let count = channel_prefetch(limit);
+            match session
+                .consume
+                .basic_qos(count, BasicQosOptions { global: true })
+                .await
+            {
+                Ok(()) => {
+                    set = Some((session.generation, limit));
+                    tracing::debug!(prefetch = count, "per-channel basic.qos issued");
+                }
+                Err(e) => tracing::debug!(error = %e, "issuing the per-channel basic.qos"),
+            }
+        }
+        drop(session);
+        tokio::select! {
+            r = follow.changed() => if r.is_err() { return },
+            r = sessions.changed() => if r.is_err() { return },
+        }
+    }
+}
+
 /// A connected RabbitMQ source, ready to consume. It keeps consuming across
 /// lost connections: see [`RabbitSource::run`].
 pub struct RabbitSource {
@@ -299,9 +336,14 @@ impl RabbitSource {
     /// Opens the first session. Failing here is fatal (a wrong address or
     /// credentials should stop the daemon at start, not loop); a connection
     /// lost later is re-established by [`RabbitSource::run`].
+    ///
+    /// `follow` is the following prefetch limit, when
+    /// `source.prefetch_follow` is on: set as a per-channel `basic.qos` on
+    /// each session and re-issued whenever it moves.
     pub async fn connect(
         cfg: &RabbitConfig,
         prefetch: u32,
+        follow: Option<watch::Receiver<u32>>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> Result<Self, RabbitError> {
@@ -313,6 +355,7 @@ impl RabbitSource {
         let link = Link {
             cfg: cfg.clone(),
             prefetch,
+            follow,
             metrics,
         };
         let (session, consumer) = link.open(1).await?;
@@ -337,7 +380,7 @@ impl RabbitSource {
     /// which from then on acknowledges only tokens of the new generation.
     pub async fn run(
         self,
-        permits: Arc<Semaphore>,
+        permits: Arc<Prefetch>,
         deliveries: mpsc::Sender<Delivery>,
         settlements: mpsc::UnboundedReceiver<Settlement>,
         stop_intake: CancellationToken,
@@ -361,7 +404,19 @@ impl RabbitSource {
             &health,
         );
         let settle = settle::settle(settlements, sessions.clone(), &link.cfg, &link.metrics);
-        let (intake_result, ()) = tokio::join!(intake, settle);
+        let work = async { tokio::join!(intake, settle) };
+        let qos = async {
+            if let Some(follow) = link.follow.clone() {
+                follow_qos(follow, sessions.clone()).await;
+            }
+        };
+        tokio::pin!(work);
+        // The qos follower ends only when its channels close; the run ends
+        // when intake and settlement are done.
+        let (intake_result, ()) = tokio::select! {
+            r = &mut work => r,
+            () = qos => work.await,
+        };
         Health::set(&health.broker_connected, false);
         let last = sessions.borrow().clone();
         last.close("conveyor stopped").await;

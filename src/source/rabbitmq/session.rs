@@ -2,6 +2,22 @@
 //! channels, its generation and its watchers — and how the next one is
 //! opened when it dies: reconnect with jittered exponential backoff,
 //! topology declared again, `basic.qos` set, consuming resumed.
+//!
+//! # `basic.qos` when the prefetch follows the stages
+//!
+//! RabbitMQ reads the `global` flag of `basic.qos` its own way: with
+//! `global = false` the count applies to each consumer created *after* it
+//! on the channel, so re-issuing it leaves a running consumer at its old
+//! limit; with `global = true` it is one limit shared by every consumer of
+//! the channel, and a new one takes effect on the live channel at once (a
+//! cut makes the broker hold back deliveries until fewer than the new count
+//! are unacknowledged; nothing delivered is taken back). So the per-consumer
+//! count stays `source.prefetch`, the ceiling, and the following limit is a
+//! per-channel `basic.qos` re-issued whenever it moves (see
+//! [`follow_qos`](super::follow_qos)); the broker enforces the lower of the
+//! two. Quorum queues do not support the per-channel limit (and RabbitMQ 4
+//! deprecates it), which is why the configuration refuses
+//! `source.prefetch_follow` with `rabbitmq.queue_type = "quorum"`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +72,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(super) struct Link {
     pub(super) cfg: RabbitConfig,
     pub(super) prefetch: u16,
+    /// The following prefetch limit, set per channel on each new session;
+    /// `None` when the prefetch is fixed.
+    pub(super) follow: Option<tokio::sync::watch::Receiver<u32>>,
     pub(super) metrics: Arc<Metrics>,
 }
 
@@ -144,6 +163,13 @@ impl Link {
             .basic_qos(self.prefetch, BasicQosOptions::default())
             .await
             .map_err(broker("setting basic.qos"))?;
+        if let Some(follow) = &self.follow {
+            let count = channel_prefetch(*follow.borrow());
+            consume
+                .basic_qos(count, BasicQosOptions { global: true })
+                .await
+                .map_err(broker("setting the per-channel basic.qos"))?;
+        }
         let publish = connection
             .create_channel()
             .await
@@ -211,6 +237,12 @@ impl Link {
             }
         }
     }
+}
+
+/// A prefetch limit as an AMQP prefetch count (at most 65535; 0 would mean
+/// no limit, so at least 1).
+pub(super) fn channel_prefetch(limit: u32) -> u16 {
+    u16::try_from(limit.max(1)).unwrap_or(u16::MAX)
 }
 
 /// Turns the first connection-level error into "this session is lost", so

@@ -1,0 +1,241 @@
+//! The prefetch that follows the stages, against RabbitMQ: the hoarding
+//! scenario, scaled down.
+//!
+//! Two `conveyor run` processes consume one queue with
+//! `[source.prefetch_follow]` on. Replica B's payment provider is a second
+//! simulator answering in 200 ms, and B's stages run 4 orders at once, so B
+//! finishes 20 orders/s; A's downstreams answer at once. Without the
+//! following prefetch B would take `source.prefetch` (512) messages and sit
+//! on them while A goes idle. With it, RabbitMQ itself reports that B's
+//! channel holds no more than its stage limits plus the batch term at its
+//! rate plus the slack, and has that as its per-channel `basic.qos`.
+//!
+//! B runs alone first (every unacknowledged message of the queue is then
+//! B's), then A joins and the backlog is finished. At the end every order
+//! is stored exactly once and, across both simulators' ledgers, charged
+//! exactly once with the stored charge id.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::broker::rabbitmqctl;
+use common::{metric, unacked, wait_for, Daemon, Env};
+use conveyor::source::prefetch::SLACK;
+use conveyor::tools::produce::{Mix, OrderGen};
+use conveyor::tools::sim::{self, EndpointKnobs, Knobs};
+use nix::sys::signal::Signal;
+
+const ORDERS: u64 = 4_000;
+/// B's validate and charge concurrency.
+const STAGE: usize = 4;
+/// B's payment latency.
+const SLOW_MS: u64 = 200;
+
+/// What B may hold: its two stage limits, the slack, and the batch term at
+/// its rate (at most 2 × 20 orders/s × 100 ms of batch linger and commit,
+/// rounded up: 4).
+fn bound() -> u64 {
+    (2 * STAGE + SLACK + 4) as u64
+}
+
+fn limit() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// `(unacknowledged, per-channel prefetch)` of the channel consuming
+/// `queue` under `tag`, as RabbitMQ reports them.
+async fn channel_of(queue: &str, tag: &str) -> Option<(u64, u64)> {
+    let consumers = rabbitmqctl(&[
+        "list_consumers",
+        "-q",
+        "--no-table-headers",
+        "queue_name",
+        "channel_pid",
+        "consumer_tag",
+    ])
+    .await
+    .expect("rabbitmqctl list_consumers");
+    let pid = consumers.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() == 3 && f[0] == queue && f[2] == tag).then(|| f[1].to_string())
+    })?;
+    let channels = rabbitmqctl(&[
+        "list_channels",
+        "-q",
+        "--no-table-headers",
+        "pid",
+        "messages_unacknowledged",
+        "global_prefetch_count",
+    ])
+    .await
+    .expect("rabbitmqctl list_channels");
+    channels.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() == 3 && f[0] == pid).then(|| Some((f[1].parse().ok()?, f[2].parse().ok()?)))?
+    })
+}
+
+fn follow_vars(tag: &'static str) -> Vec<(&'static str, String)> {
+    vec![
+        ("CONVEYOR__SOURCE__PREFETCH", "512".into()),
+        ("CONVEYOR__SOURCE__PREFETCH_FOLLOW__ENABLED", "true".into()),
+        ("CONVEYOR__SOURCE__PREFETCH_FOLLOW__FLOOR", "16".into()),
+        ("CONVEYOR__RABBITMQ__CONSUMER_TAG", tag.into()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowed_replica_holds_only_what_its_stages_can_work_on() {
+    let started = Instant::now();
+    let env = Env::new("prefetch", Knobs::default()).await;
+    let slow = sim::start(
+        "127.0.0.1:0".parse().expect("addr"),
+        Knobs {
+            charge: EndpointKnobs {
+                latency_ms: SLOW_MS,
+                ..Default::default()
+            },
+            ..Knobs::default()
+        },
+    )
+    .await
+    .expect("start the slow simulator");
+    let mix = Mix {
+        poison_pct: 0.0,
+        reject_pct: 2.0,
+        decline_pct: 2.0,
+    };
+    let gen = OrderGen::new(env.name.clone(), mix);
+    env.publish((0..ORDERS).map(|i| gen.message(i).1)).await;
+
+    let stage = STAGE.to_string();
+    let mut b_vars = follow_vars("conveyor-b");
+    b_vars.extend([
+        ("CONVEYOR__PAYMENT__URL", slow.url.clone()),
+        ("CONVEYOR__PIPELINE__VALIDATE_CONCURRENCY", stage.clone()),
+        ("CONVEYOR__PIPELINE__CHARGE_CONCURRENCY", stage),
+    ]);
+    let b_vars: Vec<(&str, &str)> = b_vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut b = Daemon::start(&env, &b_vars).await;
+
+    // B alone: what the queue has unacknowledged is B's.
+    let mut samples = Vec::new();
+    while samples.len() < 5 {
+        if let Some((held, qos)) = channel_of(&env.queue, "conveyor-b").await {
+            let queue_held = unacked(&env.queue).await;
+            samples.push((held, qos, queue_held));
+        }
+        assert!(
+            started.elapsed() < limit(),
+            "B's channel never showed up in rabbitmqctl list_consumers; its log:\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    println!("B alone (held, per-channel prefetch, queue unacked): {samples:?}");
+    for &(held, qos, queue_held) in &samples {
+        assert!(
+            held <= bound() && queue_held <= bound(),
+            "B holds {held} (the queue {queue_held}) unacknowledged, over its stage limits, \
+             batch and slack ({}); log:\n{}",
+            bound(),
+            b.log_text()
+        );
+        assert!(
+            (16..=bound()).contains(&qos),
+            "B's per-channel basic.qos is {qos}, not within its floor and bound"
+        );
+    }
+    let b_limit = metric(b.http, "conveyor_prefetch_limit")
+        .await
+        .expect("B exports conveyor_prefetch_limit");
+    assert!(b_limit <= bound() as f64, "B's prefetch limit {b_limit}");
+
+    // A joins and finishes the backlog; B keeps holding little.
+    let a_vars = follow_vars("conveyor-a");
+    let a_vars: Vec<(&str, &str)> = a_vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut a = Daemon::start(&env, &a_vars).await;
+    let mut b_max = 0;
+    let mut a_limit_max = 0.0f64;
+    while env.rows().await < ORDERS as i64 {
+        if let Some((held, _)) = channel_of(&env.queue, "conveyor-b").await {
+            b_max = b_max.max(held);
+        }
+        if let Some(l) = metric(a.http, "conveyor_prefetch_limit").await {
+            a_limit_max = a_limit_max.max(l);
+        }
+        assert!(
+            started.elapsed() < limit() + Duration::from_secs(30),
+            "{} of {ORDERS} stored; A's log:\n{}\nB's log:\n{}",
+            env.rows().await,
+            a.log_text(),
+            b.log_text()
+        );
+    }
+    assert!(
+        b_max <= bound(),
+        "with A running, B held {b_max} > {}",
+        bound()
+    );
+    wait_for(
+        "the queue empty with nothing unacknowledged",
+        limit(),
+        || async { env.ready(&env.queue).await == 0 && unacked(&env.queue).await == 0 },
+    )
+    .await;
+    let acked_b = metric(b.http, "conveyor_messages_acked_total")
+        .await
+        .unwrap_or(0.0);
+    let acked_a = metric(a.http, "conveyor_messages_acked_total")
+        .await
+        .unwrap_or(0.0);
+    for (d, who) in [(&mut a, "A"), (&mut b, "B")] {
+        d.signal(Signal::SIGTERM);
+        let (code, _) = d.wait(Duration::from_secs(30)).await;
+        assert_eq!(code, Some(0), "{who} drains; log:\n{}", d.log_text());
+    }
+    println!(
+        "acked: A {acked_a}, B {acked_b}; B held at most {b_max} with A running; \
+         A's prefetch limit reached {a_limit_max}; {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // Stored once each; charged once each across both providers.
+    let rows: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("SELECT order_id, status, charge_id FROM orders")
+            .fetch_all(&env.pool)
+            .await
+            .expect("rows");
+    assert_eq!(rows.len() as u64, ORDERS, "every order stored once");
+    let fast_ledger = env.sim.ledger();
+    let slow_ledger = slow.ledger();
+    assert_eq!(fast_ledger.double_charged_orders, 0);
+    assert_eq!(slow_ledger.double_charged_orders, 0);
+    let mut charges: HashMap<String, Vec<String>> = HashMap::new();
+    for e in fast_ledger.charges.iter().chain(&slow_ledger.charges) {
+        charges
+            .entry(e.order_id.clone())
+            .or_default()
+            .push(e.charge_id.clone());
+    }
+    let mut charged = 0;
+    for (id, status, charge_id) in &rows {
+        match status.as_str() {
+            "accepted" | "declined" => {
+                charged += 1;
+                let got = charges.get(id).map(Vec::as_slice).unwrap_or_default();
+                assert_eq!(
+                    got,
+                    std::slice::from_ref(charge_id.as_ref().expect("a charged row has its id")),
+                    "{id}: one charge across both providers, the stored one"
+                );
+            }
+            _ => assert!(charge_id.is_none(), "{id} rejected but charged"),
+        }
+    }
+    assert_eq!(charged, charges.len(), "charges without a stored order");
+    slow.stop().await;
+    env.cleanup().await;
+}
