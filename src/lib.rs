@@ -183,7 +183,9 @@ pub async fn run_with(
         batch_max_wait: config.batch.max_wait,
     });
     let permits = Arc::new(Prefetch::new(
-        follow_inputs.as_ref().map_or(ceiling, FollowInputs::initial),
+        follow_inputs
+            .as_ref()
+            .map_or(ceiling, FollowInputs::initial),
         metrics.prefetch_limit.clone(),
     ));
     let _follow_task = follow_inputs.map(|inputs| {

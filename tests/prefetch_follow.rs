@@ -34,10 +34,24 @@ const STAGE: usize = 4;
 const SLOW_MS: u64 = 200;
 
 /// What B may hold: its two stage limits, the slack, and the batch term at
-/// its rate (at most 2 × 20 orders/s × 100 ms of batch linger and commit,
-/// rounded up: 4).
-fn bound() -> u64 {
-    (2 * STAGE + SLACK + 4) as u64
+/// its rate — at most twice what 4 calls of 200 ms allow (40/s: the
+/// smoothed ack rate of batches acked in bursts may read above 20/s for a
+/// moment), for the batch linger plus B's mean commit time, with the
+/// follower's headroom of 2.
+fn bound(commit_secs: f64) -> u64 {
+    let rate = 2.0 * STAGE as f64 * 1000.0 / SLOW_MS as f64;
+    let batch = (2.0 * rate * (0.020 + commit_secs)).ceil() as usize;
+    (2 * STAGE + SLACK + batch) as u64
+}
+
+/// B's mean commit time so far, from its metrics.
+async fn commit_secs(b: &Daemon) -> f64 {
+    let sum = metric(b.http, "conveyor_batch_commit_duration_seconds_sum").await;
+    let n = metric(b.http, "conveyor_batch_commit_duration_seconds_count").await;
+    match (sum, n) {
+        (Some(sum), Some(n)) if n > 0.0 => sum / n,
+        _ => 0.0,
+    }
 }
 
 fn limit() -> Duration {
@@ -134,24 +148,29 @@ async fn a_slowed_replica_holds_only_what_its_stages_can_work_on() {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    println!("B alone (held, per-channel prefetch, queue unacked): {samples:?}");
+    let commit = commit_secs(&b).await;
+    let b_bound = bound(commit);
+    println!(
+        "B alone (held, per-channel prefetch, queue unacked): {samples:?}; \
+         B's mean commit {:.0} ms, bound {b_bound}",
+        commit * 1000.0
+    );
     for &(held, qos, queue_held) in &samples {
         assert!(
-            held <= bound() && queue_held <= bound(),
+            held <= b_bound && queue_held <= b_bound,
             "B holds {held} (the queue {queue_held}) unacknowledged, over its stage limits, \
-             batch and slack ({}); log:\n{}",
-            bound(),
+             batch and slack ({b_bound}); log:\n{}",
             b.log_text()
         );
         assert!(
-            (16..=bound()).contains(&qos),
+            (16..=b_bound).contains(&qos),
             "B's per-channel basic.qos is {qos}, not within its floor and bound"
         );
     }
     let b_limit = metric(b.http, "conveyor_prefetch_limit")
         .await
         .expect("B exports conveyor_prefetch_limit");
-    assert!(b_limit <= bound() as f64, "B's prefetch limit {b_limit}");
+    assert!(b_limit <= b_bound as f64, "B's prefetch limit {b_limit}");
 
     // A joins and finishes the backlog; B keeps holding little.
     let a_vars = follow_vars("conveyor-a");
@@ -174,11 +193,8 @@ async fn a_slowed_replica_holds_only_what_its_stages_can_work_on() {
             b.log_text()
         );
     }
-    assert!(
-        b_max <= bound(),
-        "with A running, B held {b_max} > {}",
-        bound()
-    );
+    let bound = bound(commit_secs(&b).await).max(b_bound);
+    assert!(b_max <= bound, "with A running, B held {b_max} > {bound}");
     wait_for(
         "the queue empty with nothing unacknowledged",
         limit(),

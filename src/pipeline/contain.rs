@@ -187,7 +187,12 @@ mod tests {
                     generation: 1,
                     delivery_tag: tag,
                 },
-                _permit: permits.clone().acquire_owned().await.expect("permit").into(),
+                _permit: permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("permit")
+                    .into(),
                 _held: Held::new(&metrics),
                 span: tracing::Span::none(),
             };

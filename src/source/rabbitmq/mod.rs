@@ -32,6 +32,7 @@ mod settle;
 
 use std::sync::Arc;
 
+use lapin::options::BasicQosOptions;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -39,7 +40,6 @@ use lapin::uri::AMQPUri;
 use lapin::{
     Channel, Connection, ConnectionProperties, Consumer, DefaultConnectionBuilder, ExchangeKind,
 };
-use lapin::options::BasicQosOptions;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -292,10 +292,7 @@ pub async fn declare_topology(channel: &Channel, cfg: &RabbitConfig) -> Result<(
 /// session opened meanwhile sets the then current limit itself; a failed
 /// `basic.qos` means the channel is gone, which intake notices and
 /// reconnects.
-async fn follow_qos(
-    mut follow: watch::Receiver<u32>,
-    mut sessions: watch::Receiver<Arc<Session>>,
-) {
+async fn follow_qos(mut follow: watch::Receiver<u32>, mut sessions: watch::Receiver<Arc<Session>>) {
     let mut set: Option<(u64, u32)> = None;
     loop {
         let session = sessions.borrow_and_update().clone();
