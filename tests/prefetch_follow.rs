@@ -27,7 +27,7 @@ use conveyor::tools::produce::{Mix, OrderGen};
 use conveyor::tools::sim::{self, EndpointKnobs, Knobs};
 use nix::sys::signal::Signal;
 
-const ORDERS: u64 = 4_000;
+const ORDERS: u64 = 3_000;
 /// B's validate and charge concurrency.
 const STAGE: usize = 4;
 /// B's payment latency.
