@@ -54,7 +54,7 @@ pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(100);
 /// (it doubles per interval until the rate no longer follows it).
 pub const HEADROOM: f64 = 2.0;
 
-/// Weight of the newest interval in the smoothed ack rate.
+/// Weight of the newest interval in the smoothed ack rate and commit time.
 const RATE_ALPHA: f64 = 0.5;
 
 /// The prefetch limit of one daemon: the permits intake takes.
@@ -248,8 +248,8 @@ impl FollowInputs {
 
 /// Recomputes the limit every [`FOLLOW_INTERVAL`] until `stop`: the
 /// stages' current limits, and the batch term at the smoothed ack rate and
-/// the mean commit time of the interval (the batch linger plus it is how
-/// long a finished order waits for its ack).
+/// the smoothed commit time (the batch linger plus it is how long a
+/// finished order waits for its ack).
 pub async fn follow(
     prefetch: Arc<Prefetch>,
     inputs: FollowInputs,
@@ -288,7 +288,9 @@ pub async fn follow(
             metrics.batch_commit_duration.get_sample_count(),
         );
         if n > commit_n {
-            commit = (sum - commit_sum) / (n - commit_n) as f64;
+            // Smoothed too: one slow commit must not raise the limit.
+            let mean = (sum - commit_sum) / (n - commit_n) as f64;
+            commit += RATE_ALPHA * (mean - commit);
         }
         (commit_sum, commit_n) = (sum, n);
         let cycle = inputs.batch_max_wait + Duration::from_secs_f64(commit.max(0.0));
