@@ -195,6 +195,7 @@ mod tests {
                     .into(),
                 _held: Held::new(&metrics),
                 span: tracing::Span::none(),
+                screened: Default::default(),
             };
             let it = InFlight {
                 order: d.order,
