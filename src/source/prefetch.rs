@@ -10,8 +10,7 @@
 //! work on (see [`target`]): the validate and charge pools' current
 //! concurrency limits (they move with adaptive concurrency), plus what the
 //! batcher and writers hold while a batch fills and commits at the current
-//! rate, plus [`SLACK`], clamped to `floor..=source.prefetch` (plus a
-//! [`Boost`] while the prefetch itself is what holds a daemon back). A replica
+//! rate, plus [`SLACK`], clamped to `floor..=source.prefetch`. A replica
 //! whose downstream slowed down then holds only what it can work on, so it
 //! does not hoard messages its siblings could process, and in-daemon
 //! queueing stays short. [`follow`] recomputes it every [`FOLLOW_INTERVAL`].
@@ -226,44 +225,6 @@ impl Hysteresis {
     }
 }
 
-/// How many intervals in a row intake must have found no permit while no
-/// stage was at its limit before the limit is raised past the formula.
-pub const STARVED_AFTER: u32 = 3;
-
-/// A raise past the formula for a daemon that the prefetch itself holds
-/// back: intake finds no permit, yet no stage is at its concurrency limit,
-/// so the messages are somewhere the formula does not count (waiting for
-/// CPU between stages, in a slow commit). After [`STARVED_AFTER`] such
-/// intervals the boost grows by a quarter of the limit per interval; once
-/// permits are left over it shrinks by a tenth per interval. A replica
-/// whose downstream is what holds it back has that stage at its limit, so
-/// it never gets a boost: the hoarding case stays at the formula.
-#[derive(Debug, Default)]
-pub struct Boost {
-    starved: u32,
-    extra: usize,
-}
-
-impl Boost {
-    /// This interval's boost (at most `ceiling`), given the current limit
-    /// and what was seen.
-    pub fn next(&mut self, limit: usize, ceiling: usize, starved: bool, saturated: bool) -> usize {
-        if starved && !saturated {
-            self.starved += 1;
-            if self.starved >= STARVED_AFTER {
-                self.extra += (limit / 4).max(1);
-            }
-        } else {
-            self.starved = 0;
-            if !starved {
-                self.extra -= self.extra.div_ceil(10);
-            }
-        }
-        self.extra = self.extra.min(ceiling);
-        self.extra
-    }
-}
-
 /// What [`follow`] reads and bounds.
 pub struct FollowInputs {
     pub stages: Vec<Arc<ConcurrencyLimit>>,
@@ -306,7 +267,6 @@ pub async fn follow(
     let mut commit = 0.0f64;
     let mut rate: Option<f64> = None;
     let mut hysteresis = Hysteresis::default();
-    let mut boost = Boost::default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -335,15 +295,7 @@ pub async fn follow(
         (commit_sum, commit_n) = (sum, n);
         let cycle = inputs.batch_max_wait + Duration::from_secs_f64(commit.max(0.0));
         let batch = batch_term(r, cycle, inputs.batch_max_size, inputs.batch_writers);
-        let starved = prefetch.available() == 0;
-        let saturated = inputs.stages.iter().any(|s| s.in_flight() >= s.limit());
-        let extra = boost.next(prefetch.limit(), inputs.ceiling, starved, saturated);
-        let new = target(
-            inputs.stage_limits(),
-            batch + extra,
-            inputs.floor,
-            inputs.ceiling,
-        );
+        let new = target(inputs.stage_limits(), batch, inputs.floor, inputs.ceiling);
         if let Some(to) = hysteresis.next(prefetch.limit(), new) {
             prefetch.resize(to);
         }

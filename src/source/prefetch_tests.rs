@@ -76,34 +76,6 @@ fn raises_apply_at_once_and_cuts_after_a_few_intervals_below() {
     assert_eq!(h.next(130, 100), Some(100));
 }
 
-#[test]
-fn only_a_daemon_held_back_by_the_prefetch_itself_is_boosted() {
-    let mut b = Boost::default();
-    // A slowed replica: no permit left, but its slow stage is at its limit.
-    for _ in 0..10 {
-        assert_eq!(b.next(17, 512, true, true), 0);
-    }
-    // A fast one held back by the prefetch: after three intervals, +¼.
-    assert_eq!(b.next(400, 512, true, false), 0);
-    assert_eq!(b.next(400, 512, true, false), 0);
-    assert_eq!(b.next(400, 512, true, false), 100);
-    assert_eq!(b.next(500, 512, true, false), 225);
-    assert_eq!(b.next(500, 512, true, false), 350);
-    assert_eq!(b.next(500, 512, true, false), 475);
-    assert_eq!(b.next(512, 512, true, false), 512, "at most the ceiling");
-    // Permits left over: a tenth less per interval, down to nothing.
-    assert_eq!(b.next(512, 512, false, false), 460);
-    let mut left = 460;
-    for _ in 0..100 {
-        left = b.next(512, 512, false, false);
-    }
-    assert_eq!(left, 0);
-    // Starved with a stage at its limit: neither grows nor shrinks.
-    assert_eq!(b.next(400, 512, true, false), 0);
-    assert_eq!(b.next(400, 512, true, true), 0);
-    assert_eq!(b.next(400, 512, true, false), 0, "the count started over");
-}
-
 #[tokio::test]
 async fn a_cut_waits_for_held_permits_and_a_raise_cancels_the_debt_first() {
     let p = Prefetch::new(10, gauge());
