@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use common::broker::rabbitmqctl;
 use common::{metric, unacked, wait_for, Backend, Daemon, Env, InProcess, KafkaBroker};
 use conveyor::config::SourceKind;
-use conveyor::source::prefetch::SLACK;
+use conveyor::source::prefetch::{HEADROOM, SLACK};
 use conveyor::tools::produce::{Mix, OrderGen};
 use conveyor::tools::sim::{self, EndpointKnobs, Knobs};
 use nix::sys::signal::Signal;
@@ -44,11 +44,11 @@ const SLOW_MS: u64 = 200;
 /// of orders acked in bursts reads above it for a moment) and three times
 /// its mean commit time plus 10 ms (the follower smooths the commit time of
 /// the last intervals, which a slow commit lifts) beside the 20 ms linger —
-/// and the follower's headroom of 2.
+/// and the follower's headroom.
 fn bound(call_ms: u64, commit_secs: f64) -> u64 {
     let rate = 2.0 * STAGE as f64 * 1000.0 / call_ms as f64;
     let cycle = 0.020 + 3.0 * commit_secs + 0.010;
-    let batch = (2.0 * rate * cycle).ceil() as usize;
+    let batch = (HEADROOM * rate * cycle).ceil() as usize;
     (2 * STAGE + SLACK + batch) as u64
 }
 

@@ -32,10 +32,10 @@ fn the_target_is_the_stage_limits_plus_the_batch_plus_slack_within_its_bounds() 
 fn the_batch_term_is_what_the_batcher_holds_at_the_rate_with_headroom() {
     let cycle = Duration::from_millis(25);
     // A replica whose charge stage does 4 calls of 200 ms: 20 orders/s.
-    assert_eq!(batch_term(20.0, cycle, 256, 2), 1);
+    assert_eq!(batch_term(20.0, cycle, 256, 2), 2);
     assert_eq!(batch_term(1.0, cycle, 256, 2), 0, "under half an order");
-    // A fast one: 2 × 10,000/s × 25 ms = 500, under 3 batches of 256.
-    assert_eq!(batch_term(10_000.0, cycle, 256, 2), 500);
+    // A fast one: 4 × 5,000/s × 25 ms = 500, under 3 batches of 256.
+    assert_eq!(batch_term(5_000.0, cycle, 256, 2), 500);
     assert_eq!(batch_term(100_000.0, cycle, 256, 2), 768, "capped");
     assert_eq!(batch_term(0.0, cycle, 256, 2), 0, "idle");
     assert_eq!(batch_term(-1.0, cycle, 256, 2), 0);
@@ -50,7 +50,7 @@ fn the_hoarding_replica_holds_its_stage_limits_and_slack() {
         16,
         512,
     );
-    assert_eq!(b, 17);
+    assert_eq!(b, 18);
     // Replica A, fast: what `source.prefetch` allows.
     let a = target(
         128,
@@ -151,7 +151,7 @@ async fn the_limit_follows_the_rate_and_the_stage_limits() {
     // Acks land between the follower's ticks.
     tokio::time::sleep(FOLLOW_INTERVAL / 2).await;
     run(2, 20).await;
-    assert_eq!(prefetch.limit(), 4 + 4 + 1 + SLACK, "20/s");
+    assert_eq!(prefetch.limit(), 4 + 4 + 2 + SLACK, "20/s");
     run(2_000, 10).await;
     assert_eq!(prefetch.limit(), 512, "20,000/s: the ceiling");
     run(0, 30).await;
