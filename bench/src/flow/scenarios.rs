@@ -53,32 +53,6 @@ pub(crate) struct OutageRun {
 /// Per variant (its label): one result per run.
 pub(crate) type Variants<T> = Vec<(String, Vec<T>)>;
 
-/// Every order accounted for once the daemon is gone: stored, still queued
-/// or dead-lettered, and none charged twice. RabbitMQ counts returned
-/// messages a moment after the connection closes, so this polls.
-async fn account(b: &Bench, sim_url: &str, published: u64) -> anyhow::Result<u64> {
-    let started = Instant::now();
-    loop {
-        let (left, dead) = world::depths(b).await?;
-        let stored = b.rows().await? as u64;
-        if stored + left + dead == published {
-            let books = world::ledger(sim_url).await?;
-            anyhow::ensure!(
-                books.double_charged == 0,
-                "{} orders charged twice",
-                books.double_charged
-            );
-            return Ok(dead);
-        }
-        if started.elapsed() > Duration::from_secs(10) {
-            anyhow::bail!(
-                "lost or doubled: {stored} stored + {left} queued + {dead} dead-lettered != {published}"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// Stops the daemon (its exit code is not judged here: a drain during an
 /// open circuit may run out its deadline, which leaves orders queued).
 async fn stop(d: &mut Proc) -> anyhow::Result<()> {
@@ -150,7 +124,7 @@ pub(crate) async fn rate_limit(b: &mut Bench, args: &FlowArgs) -> anyhow::Result
             let (rows, _) = world::window(b, from, t1).await?;
             let span = (t1 - from).num_milliseconds() as f64 / 1000.0;
             let books = world::ledger(&url).await?;
-            let dead = account(b, &url, n).await?;
+            let dead = world::account(b, &url, n).await?;
             sim.terminate(Duration::from_secs(10)).await?;
             let all = books.served + books.overloaded + books.rate_limited;
             let r = RateRun {
@@ -231,7 +205,7 @@ async fn partial_one(
     let m = world::metrics(port).await?;
     stop(&mut d).await?;
     let (stored, _) = world::window(b, t0, t1).await?;
-    let dead = account(b, &url, published).await?;
+    let dead = world::account(b, &url, published).await?;
     sim.terminate(Duration::from_secs(10)).await?;
     Ok(PartialRun {
         stored_share: stored as f64 / published.max(1) as f64,
@@ -302,7 +276,7 @@ async fn outage_one(
     let m2 = world::metrics(port).await?;
     let published = publisher.await??;
     stop(&mut d).await?;
-    let dead = account(b, &url, published).await?;
+    let dead = world::account(b, &url, published).await?;
     sim.terminate(Duration::from_secs(10)).await?;
     Ok(OutageRun {
         healthy: (m1.payment_requests - m0.payment_requests) / (args.healthy_secs - 1.0),

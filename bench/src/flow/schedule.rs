@@ -191,18 +191,7 @@ async fn one(b: &mut Bench, args: &FlowArgs, c: Contestant) -> anyhow::Result<Ru
     let (_, exit) = d.terminate(Duration::from_secs(60)).await?;
     anyhow::ensure!(exit.code == Some(0), "daemon exit {:?}", exit.code);
 
-    let (left, dead) = world::depths(b).await?;
-    let stored = b.rows().await? as u64;
-    anyhow::ensure!(
-        stored + left + dead == queued,
-        "lost or doubled: {stored} stored + {left} queued + {dead} dead-lettered != {queued}"
-    );
-    let books = world::ledger(&url).await?;
-    anyhow::ensure!(
-        books.double_charged == 0,
-        "{} orders charged twice",
-        books.double_charged
-    );
+    world::account(b, &url, queued).await?;
     sim.terminate(Duration::from_secs(10)).await?;
 
     let mut phases = Vec::new();

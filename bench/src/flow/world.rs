@@ -135,6 +135,32 @@ pub(crate) async fn depths(b: &Bench) -> anyhow::Result<(u64, u64)> {
     Ok((u64::from(q.message_count()), u64::from(d.message_count())))
 }
 
+/// Every order accounted for once the daemon is gone: stored, still queued
+/// or dead-lettered, and none charged twice. RabbitMQ counts returned
+/// messages a moment after the connection closes, so this polls.
+pub(crate) async fn account(b: &Bench, sim_url: &str, published: u64) -> anyhow::Result<u64> {
+    let started = Instant::now();
+    loop {
+        let (left, dead) = world::depths(b).await?;
+        let stored = b.rows().await? as u64;
+        if stored + left + dead == published {
+            let books = world::ledger(sim_url).await?;
+            anyhow::ensure!(
+                books.double_charged == 0,
+                "{} orders charged twice",
+                books.double_charged
+            );
+            return Ok(dead);
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            anyhow::bail!(
+                "lost or doubled: {stored} stored + {left} queued + {dead} dead-lettered != {published}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Rows committed in `[from, to)` and their p99 receive → commit (ms).
 pub(crate) async fn window(
     b: &Bench,
