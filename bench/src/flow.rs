@@ -113,7 +113,10 @@ impl FlowArgs {
 pub(crate) async fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> anyhow::Result<()> {
     let args = FlowArgs::parse_from(argv);
     anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
-    anyhow::ensure!(!args.capacities.is_empty(), "--capacities: at least one phase");
+    anyhow::ensure!(
+        !args.capacities.is_empty(),
+        "--capacities: at least one phase"
+    );
     anyhow::ensure!(
         args.capacities.iter().all(|c| *c > 0),
         "--capacities: each at least 1"
@@ -158,7 +161,12 @@ pub(crate) async fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> 
     if let Some(s) = &r.schedule {
         plot::render(&svg, &args, s)?;
     }
-    let text = report::render(&args, &r, started, r.schedule.as_ref().map(|_| svg.as_path()));
+    let text = report::render(
+        &args,
+        &r,
+        started,
+        r.schedule.as_ref().map(|_| svg.as_path()),
+    );
     std::fs::write(&md, &text)?;
     println!("{text}");
     say(format!("wrote {}", md.display()));

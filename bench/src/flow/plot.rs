@@ -115,7 +115,10 @@ where
     for (i, line) in lines.iter().enumerate() {
         let style = COLORS[i % COLORS.len()].stroke_width(2);
         chart
-            .draw_series(LineSeries::new(line.points.iter().filter(finite).copied(), style))?
+            .draw_series(LineSeries::new(
+                line.points.iter().filter(finite).copied(),
+                style,
+            ))?
             .label(line.label.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style));
     }

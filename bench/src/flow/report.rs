@@ -42,7 +42,12 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
-pub(crate) fn render(a: &FlowArgs, r: &FlowResults, started: Instant, svg: Option<&Path>) -> String {
+pub(crate) fn render(
+    a: &FlowArgs,
+    r: &FlowResults,
+    started: Instant,
+    svg: Option<&Path>,
+) -> String {
     let mut t = String::new();
     let load = std::fs::read_to_string("/proc/loadavg")
         .ok()
@@ -75,7 +80,10 @@ pub(crate) fn render(a: &FlowArgs, r: &FlowResults, started: Instant, svg: Optio
         outage(&mut t, a, o);
     }
     if let Some(svg) = svg {
-        let name = svg.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = svg
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         let _ = writeln!(t, "Plot: `{name}` (the last run of each contestant).");
     }
     t
@@ -119,7 +127,11 @@ fn schedule(t: &mut String, a: &FlowArgs, s: &ScheduleResults) {
                 stat(runs.iter().filter_map(|r| r.phases.get(k)).map(f))
             };
             let settled = if *c == Contestant::Adaptive {
-                settle_cell(runs.iter().filter_map(|r| r.phases.get(k)).map(|p| p.settle))
+                settle_cell(
+                    runs.iter()
+                        .filter_map(|r| r.phases.get(k))
+                        .map(|p| p.settle),
+                )
             } else {
                 String::new()
             };
@@ -148,12 +160,15 @@ fn schedule(t: &mut String, a: &FlowArgs, s: &ScheduleResults) {
                 cell(&p99, 2)
             );
             let refused = stat(pairs.iter().map(|(x, _)| 100.0 * x.refused_share));
-            let settle_med = stat(
-                pairs
-                    .iter()
-                    .map(|(x, _)| x.settle.unwrap_or(f64::INFINITY)),
-            );
-            targets.push((k, *cap, rate.median(), p99.median(), refused.median(), settle_med.median()));
+            let settle_med = stat(pairs.iter().map(|(x, _)| x.settle.unwrap_or(f64::INFINITY)));
+            targets.push((
+                k,
+                *cap,
+                rate.median(),
+                p99.median(),
+                refused.median(),
+                settle_med.median(),
+            ));
         } else {
             t.push('\n');
         }
@@ -260,7 +275,11 @@ fn partial(t: &mut String, a: &FlowArgs, p: &PartialResults) {
         a.arrival_rate, a.failure_secs, a.arrival_rate,
     );
     for (e, on, off) in p {
-        let ratio = stat(on.iter().zip(off).map(|(x, y)| x.stored_share / y.stored_share));
+        let ratio = stat(
+            on.iter()
+                .zip(off)
+                .map(|(x, y)| x.stored_share / y.stored_share),
+        );
         let target = match (e * 100.0).round() as u32 {
             0..=10 => 0.95,
             11..=20 => 0.90,
@@ -268,7 +287,6 @@ fn partial(t: &mut String, a: &FlowArgs, p: &PartialResults) {
             _ => 0.50,
         };
         let dead_on: u64 = on.iter().map(|r| r.dead).sum();
-        let dead_off: u64 = off.iter().map(|r| r.dead).sum();
         let _ = writeln!(
             t,
             "| {:.0} % | {} | {} | {} | ≥ {target:.2}, none dead-lettered: {} | {} / {} | {} / {} |",
@@ -308,7 +326,11 @@ fn outage(t: &mut String, a: &FlowArgs, o: &Variants<OutageRun>) {
             cell(&stat(runs.iter().map(|r| r.healthy)), 0),
             cell(&stat(runs.iter().map(|r| r.outage)), 0),
             cell(&ratio, 2),
-            if bounded { verdict(ratio.median() <= 1.2) } else { "(reference)" },
+            if bounded {
+                verdict(ratio.median() <= 1.2)
+            } else {
+                "(reference)"
+            },
             cell(&stat(runs.iter().map(|r| r.budget_refusals)), 0),
             cell(&stat(runs.iter().map(|r| r.dead as f64)), 0),
         );

@@ -69,7 +69,14 @@ fn arrivals(b: &mut Bench, n: u64, rate: f64) -> tokio::task::JoinHandle<anyhow:
     );
     let cfg = b.rabbit.clone();
     tokio::spawn(async move {
-        publish_rabbit(&cfg, (0..n).map(|i| gen.message(i).1), 1000, Some(rate), |_| {}).await
+        publish_rabbit(
+            &cfg,
+            (0..n).map(|i| gen.message(i).1),
+            1000,
+            Some(rate),
+            |_| {},
+        )
+        .await
     })
 }
 
@@ -80,7 +87,10 @@ fn breaker_off() -> Vec<(&'static str, String)> {
     ]
 }
 
-pub(crate) async fn rate_limit(b: &mut Bench, args: &FlowArgs) -> anyhow::Result<Variants<RateRun>> {
+pub(crate) async fn rate_limit(
+    b: &mut Bench,
+    args: &FlowArgs,
+) -> anyhow::Result<Variants<RateRun>> {
     let own = args.conveyor_rate.to_string();
     let variants: Vec<(String, Vec<(&'static str, String)>)> = vec![
         (
@@ -94,7 +104,10 @@ pub(crate) async fn rate_limit(b: &mut Bench, args: &FlowArgs) -> anyhow::Result
         (
             "no conveyor limit, adaptive".into(),
             vec![
-                ("CONVEYOR__RULE_ENGINE__CONCURRENCY__MODE", "adaptive".into()),
+                (
+                    "CONVEYOR__RULE_ENGINE__CONCURRENCY__MODE",
+                    "adaptive".into(),
+                ),
                 ("CONVEYOR__PAYMENT__CONCURRENCY__MODE", "adaptive".into()),
             ],
         ),
@@ -153,8 +166,15 @@ pub(crate) async fn rate_limit(b: &mut Bench, args: &FlowArgs) -> anyhow::Result
 /// `[(error rate, breaker defaults, breaker off)]`.
 pub(crate) type PartialResults = Vec<(f64, Vec<PartialRun>, Vec<PartialRun>)>;
 
-pub(crate) async fn partial_failure(b: &mut Bench, args: &FlowArgs) -> anyhow::Result<PartialResults> {
-    let mut out: PartialResults = args.error_rates.iter().map(|e| (*e, vec![], vec![])).collect();
+pub(crate) async fn partial_failure(
+    b: &mut Bench,
+    args: &FlowArgs,
+) -> anyhow::Result<PartialResults> {
+    let mut out: PartialResults = args
+        .error_rates
+        .iter()
+        .map(|e| (*e, vec![], vec![]))
+        .collect();
     for run in 1..=args.runs {
         for (k, e) in args.error_rates.iter().enumerate() {
             for breaker in [true, false] {
@@ -217,12 +237,21 @@ async fn partial_one(
 pub(crate) async fn outage(b: &mut Bench, args: &FlowArgs) -> anyhow::Result<Variants<OutageRun>> {
     let budget = || {
         vec![
-            ("CONVEYOR__RULE_ENGINE__RETRY_BUDGET__ENABLED", "true".to_string()),
-            ("CONVEYOR__PAYMENT__RETRY_BUDGET__ENABLED", "true".to_string()),
+            (
+                "CONVEYOR__RULE_ENGINE__RETRY_BUDGET__ENABLED",
+                "true".to_string(),
+            ),
+            (
+                "CONVEYOR__PAYMENT__RETRY_BUDGET__ENABLED",
+                "true".to_string(),
+            ),
         ]
     };
     let variants: Vec<(String, Vec<(&'static str, String)>)> = vec![
-        ("retries alone (breaker off, no budget)".into(), breaker_off()),
+        (
+            "retries alone (breaker off, no budget)".into(),
+            breaker_off(),
+        ),
         (
             "retry budget, breaker off".into(),
             budget().into_iter().chain(breaker_off()).collect(),

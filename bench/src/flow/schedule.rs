@@ -48,7 +48,10 @@ impl Contestant {
             Contestant::Fixed(c) => fixed(*c),
             Contestant::Oracle => fixed(cap),
             Contestant::Adaptive => vec![
-                ("CONVEYOR__RULE_ENGINE__CONCURRENCY__MODE", "adaptive".into()),
+                (
+                    "CONVEYOR__RULE_ENGINE__CONCURRENCY__MODE",
+                    "adaptive".into(),
+                ),
                 ("CONVEYOR__PAYMENT__CONCURRENCY__MODE", "adaptive".into()),
             ],
         }
@@ -83,8 +86,6 @@ pub(crate) struct Run {
     pub(crate) throughput: Vec<(f64, f64)>,
     /// The payment and rule-engine limits over time.
     pub(crate) limits: [Vec<(f64, f64)>; 2],
-    /// When each phase began, seconds from the run's start.
-    pub(crate) changes: Vec<f64>,
 }
 
 pub(crate) struct ScheduleResults {
@@ -94,7 +95,8 @@ pub(crate) struct ScheduleResults {
 }
 
 pub(crate) async fn measure(b: &mut Bench, args: &FlowArgs) -> anyhow::Result<ScheduleResults> {
-    let mut contestants: Vec<Contestant> = args.fixed.iter().map(|c| Contestant::Fixed(*c)).collect();
+    let mut contestants: Vec<Contestant> =
+        args.fixed.iter().map(|c| Contestant::Fixed(*c)).collect();
     contestants.extend([Contestant::Oracle, Contestant::Adaptive]);
     let mut runs: Vec<Vec<Run>> = contestants.iter().map(|_| Vec::new()).collect();
     world::reset(b).await?;
@@ -203,9 +205,17 @@ async fn one(b: &mut Bench, args: &FlowArgs, c: Contestant) -> anyhow::Result<Ru
         let requests = world::rise(&samples, from_t, to_t, |m| m.requests);
         let refused = world::rise(&samples, from_t, to_t, |m| m.refused);
         phases.push(Phase {
-            rate: if span > 0.0 { n as f64 / span } else { f64::NAN },
+            rate: if span > 0.0 {
+                n as f64 / span
+            } else {
+                f64::NAN
+            },
             p99_ms,
-            refused_share: if requests > 0.0 { refused / requests } else { 0.0 },
+            refused_share: if requests > 0.0 {
+                refused / requests
+            } else {
+                0.0
+            },
             retries: world::rise(&samples, from_t, to_t, |m| m.retries),
             settle: settle(&samples, changes[i].0, to_t, *cap),
         });
@@ -215,7 +225,6 @@ async fn one(b: &mut Bench, args: &FlowArgs, c: Contestant) -> anyhow::Result<Ru
         phases,
         throughput: world::committed_series(b, t0, 0.5).await?,
         limits: [limit(1), limit(0)],
-        changes: changes.iter().map(|c| c.0).collect(),
     })
 }
 
@@ -249,11 +258,20 @@ mod tests {
 
     #[test]
     fn settles_when_the_limit_stays_in_the_band() {
-        let s = [at(10.0, 48.0), at(10.5, 30.0), at(11.0, 14.0), at(11.5, 12.0), at(12.0, 10.0)];
+        let s = [
+            at(10.0, 48.0),
+            at(10.5, 30.0),
+            at(11.0, 14.0),
+            at(11.5, 12.0),
+            at(12.0, 10.0),
+        ];
         assert_eq!(settle(&s, 10.0, 20.0, 12), Some(1.0));
         let s = [at(10.0, 48.0), at(10.5, 12.0), at(11.0, 30.0)];
         assert_eq!(settle(&s, 10.0, 20.0, 12), None);
         let s = [at(10.2, 13.0), at(10.5, 12.0)];
-        assert_eq!(settle(&s, 10.0, 20.0, 12).map(|x| (x * 10.0).round()), Some(2.0));
+        assert_eq!(
+            settle(&s, 10.0, 20.0, 12).map(|x| (x * 10.0).round()),
+            Some(2.0)
+        );
     }
 }

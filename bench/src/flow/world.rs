@@ -130,7 +130,9 @@ pub(crate) async fn depths(b: &Bench) -> anyhow::Result<(u64, u64)> {
         .queue_declare(b.queue(), passive, FieldTable::default())
         .await?;
     let dlq = ShortString::from(b.rabbit.dead_letter_queue().as_str());
-    let d = ch.queue_declare(dlq, passive, FieldTable::default()).await?;
+    let d = ch
+        .queue_declare(dlq, passive, FieldTable::default())
+        .await?;
     conn.close(200, "done".into()).await.ok();
     Ok((u64::from(q.message_count()), u64::from(d.message_count())))
 }
@@ -141,10 +143,10 @@ pub(crate) async fn depths(b: &Bench) -> anyhow::Result<(u64, u64)> {
 pub(crate) async fn account(b: &Bench, sim_url: &str, published: u64) -> anyhow::Result<u64> {
     let started = Instant::now();
     loop {
-        let (left, dead) = world::depths(b).await?;
+        let (left, dead) = depths(b).await?;
         let stored = b.rows().await? as u64;
         if stored + left + dead == published {
-            let books = world::ledger(sim_url).await?;
+            let books = ledger(sim_url).await?;
             anyhow::ensure!(
                 books.double_charged == 0,
                 "{} orders charged twice",
@@ -209,12 +211,9 @@ pub(crate) struct Metrics {
     pub(crate) requests: f64,
     /// … answered 503 (any 5xx) or 429.
     pub(crate) refused: f64,
-    pub(crate) throttled: f64,
     pub(crate) retries: f64,
-    pub(crate) dead_letters: f64,
     /// Requests to the payment provider alone, all results.
     pub(crate) payment_requests: f64,
-    pub(crate) payment_retries: f64,
     pub(crate) budget_refusals: f64,
 }
 
@@ -252,15 +251,8 @@ pub(crate) fn parse(text: &str) -> Metrics {
         requests: sum(text, requests, &[]),
         refused: sum(text, requests, &[("result", "server_error")])
             + sum(text, requests, &[("result", "throttled")]),
-        throttled: sum(text, requests, &[("result", "throttled")]),
         retries: sum(text, "conveyor_downstream_retries_total", &[]),
-        dead_letters: sum(text, "conveyor_dead_letters_total", &[]),
         payment_requests: sum(text, requests, &[("downstream", "payment")]),
-        payment_retries: sum(
-            text,
-            "conveyor_downstream_retries_total",
-            &[("downstream", "payment")],
-        ),
         budget_refusals: sum(text, "conveyor_downstream_retry_budget_refusals_total", &[]),
     }
 }
