@@ -119,48 +119,64 @@ pub(crate) async fn rate_limit(
                 "rate limit: provider {}/s, {label}, run {run}/{}",
                 args.provider_rate, args.runs
             ));
-            let limits = SimLimits {
-                rate_limit: args.provider_rate,
-                ..SimLimits::default()
-            };
-            let (mut sim, url) = world::simulator(b, args.latency_ms, limits, "rate").await?;
-            world::reset(b).await?;
-            let n = (f64::from(args.provider_rate) * (args.rate_secs + 5.0) * 1.1) as u64;
-            b.publish(n, false).await?;
-            let (mut d, _) = b.daemon(&url, env).await?;
-            let i0 = Instant::now();
-            let t0 = Utc::now();
-            tokio::time::sleep_until((i0 + Duration::from_secs_f64(args.rate_secs)).into()).await;
-            let t1 = Utc::now();
-            stop(&mut d).await?;
-            let from = t0 + chrono::Duration::seconds(2);
-            let (rows, _) = world::window(b, from, t1).await?;
-            let span = (t1 - from).num_milliseconds() as f64 / 1000.0;
-            let books = world::ledger(&url).await?;
-            let dead = world::account(b, &url, n).await?;
-            sim.terminate(Duration::from_secs(10)).await?;
-            let all = books.served + books.overloaded + books.rate_limited;
-            let r = RateRun {
-                rate: rows as f64 / span,
-                throttled: books.rate_limited,
-                throttled_share: if all > 0 {
-                    books.rate_limited as f64 / all as f64
-                } else {
-                    0.0
-                },
-                dead,
+            let mut attempt = 1;
+            let r = loop {
+                match rate_one(b, args, env).await {
+                    Ok(r) => break r,
+                    Err(e) => world::recover(b, attempt, e).await?,
+                }
+                attempt += 1;
             };
             say(format!(
-                "  {:.0} orders/s, {} answers 429 ({:.2} %), {dead} dead-lettered",
+                "  {:.0} orders/s, {} answers 429 ({:.2} %), {} dead-lettered",
                 r.rate,
                 r.throttled,
-                100.0 * r.throttled_share
+                100.0 * r.throttled_share,
+                r.dead
             ));
             out[k].1.push(r);
         }
     }
     world::reset(b).await?;
     Ok(out)
+}
+
+async fn rate_one(
+    b: &mut Bench,
+    args: &FlowArgs,
+    env: &[(&str, String)],
+) -> anyhow::Result<RateRun> {
+    let limits = SimLimits {
+        rate_limit: args.provider_rate,
+        ..SimLimits::default()
+    };
+    let (mut sim, url) = world::simulator(b, args.latency_ms, limits, "rate").await?;
+    world::reset(b).await?;
+    let n = (f64::from(args.provider_rate) * (args.rate_secs + 5.0) * 1.1) as u64;
+    b.publish(n, false).await?;
+    let (mut d, _) = b.daemon(&url, env).await?;
+    let i0 = Instant::now();
+    let t0 = Utc::now();
+    tokio::time::sleep_until((i0 + Duration::from_secs_f64(args.rate_secs)).into()).await;
+    let t1 = Utc::now();
+    stop(&mut d).await?;
+    let from = t0 + chrono::Duration::seconds(2);
+    let (rows, _) = world::window(b, from, t1).await?;
+    let span = (t1 - from).num_milliseconds() as f64 / 1000.0;
+    let books = world::ledger(&url).await?;
+    let dead = world::account(b, &url, n).await?;
+    sim.terminate(Duration::from_secs(10)).await?;
+    let all = books.served + books.overloaded + books.rate_limited;
+    Ok(RateRun {
+        rate: rows as f64 / span,
+        throttled: books.rate_limited,
+        throttled_share: if all > 0 {
+            books.rate_limited as f64 / all as f64
+        } else {
+            0.0
+        },
+        dead,
+    })
 }
 
 /// `[(error rate, breaker defaults, breaker off)]`.
@@ -186,7 +202,14 @@ pub(crate) async fn partial_failure(
                     args.runs
                 ));
                 let env = if breaker { vec![] } else { breaker_off() };
-                let r = partial_one(b, args, *e, &env).await?;
+                let mut attempt = 1;
+                let r = loop {
+                    match partial_one(b, args, *e, &env).await {
+                        Ok(r) => break r,
+                        Err(err) => world::recover(b, attempt, err).await?,
+                    }
+                    attempt += 1;
+                };
                 say(format!(
                     "  {:.1} % of arrivals stored, {:.0} retries, {} dead-lettered",
                     100.0 * r.stored_share,
@@ -265,7 +288,14 @@ pub(crate) async fn outage(b: &mut Bench, args: &FlowArgs) -> anyhow::Result<Var
                 "outage: 50 % 503 at the payment provider, {label}, run {run}/{}",
                 args.runs
             ));
-            let r = outage_one(b, args, env).await?;
+            let mut attempt = 1;
+            let r = loop {
+                match outage_one(b, args, env).await {
+                    Ok(r) => break r,
+                    Err(e) => world::recover(b, attempt, e).await?,
+                }
+                attempt += 1;
+            };
             say(format!(
                 "  payment requests/s healthy {:.0}, in the outage {:.0} ({:.2} ×), {:.0} budget refusals, {} dead-lettered",
                 r.healthy,

@@ -108,7 +108,14 @@ pub(crate) async fn measure(b: &mut Bench, args: &FlowArgs) -> anyhow::Result<Sc
                 args.runs,
                 c.label()
             ));
-            let r = one(b, args, *c).await?;
+            let mut attempt = 1;
+            let r = loop {
+                match one(b, args, *c).await {
+                    Ok(r) => break r,
+                    Err(e) => world::recover(b, attempt, e).await?,
+                }
+                attempt += 1;
+            };
             for (k, p) in r.phases.iter().enumerate() {
                 say(format!(
                     "  phase {} (capacity {}): {:.0}/s, p99 {:.0} ms, refused {:.2} %, {:.0} retries{}",

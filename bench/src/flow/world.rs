@@ -102,6 +102,37 @@ pub(crate) async fn ledger(url: &str) -> anyhow::Result<SimBooks> {
     })
 }
 
+/// Waits up to two minutes for RabbitMQ to take connections again (other
+/// work on the machine may restart it).
+pub(crate) async fn wait_rabbit(b: &Bench) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        match b.amqp().await {
+            Ok((conn, _)) => {
+                conn.close(200, "done".into()).await.ok();
+                return Ok(());
+            }
+            Err(e) if started.elapsed() > Duration::from_secs(120) => {
+                return Err(e.context("RabbitMQ at 127.0.0.1:5672 (start it with scripts/services)"))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+/// After a failed run: waits for RabbitMQ, then starts from an empty
+/// queue, or gives up after `attempt` 3.
+pub(crate) async fn recover(b: &Bench, attempt: u32, e: anyhow::Error) -> anyhow::Result<()> {
+    if attempt >= 3 {
+        return Err(e);
+    }
+    crate::say(format!(
+        "  the run failed ({e:#}); once more from an empty queue"
+    ));
+    wait_rabbit(b).await?;
+    reset(b).await
+}
+
 /// Empties the queue, its dead-letter queue and the orders table.
 pub(crate) async fn reset(b: &Bench) -> anyhow::Result<()> {
     b.purge().await?;
@@ -121,6 +152,7 @@ pub(crate) async fn clear_store(b: &Bench) -> anyhow::Result<()> {
 
 /// Messages ready in the queue and in its dead-letter queue.
 pub(crate) async fn depths(b: &Bench) -> anyhow::Result<(u64, u64)> {
+    wait_rabbit(b).await?;
     let (conn, ch) = b.amqp().await?;
     let passive = QueueDeclareOptions {
         passive: true,
