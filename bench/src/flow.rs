@@ -141,7 +141,10 @@ pub(crate) async fn main(argv: impl IntoIterator<Item = std::ffi::OsString>) -> 
         &args.database,
     ]);
     let mut b = Bench::setup(base).await?;
-    let mut r = report::FlowResults::default();
+    let mut r = report::FlowResults {
+        load_at_start: report::load_average(),
+        ..report::FlowResults::default()
+    };
     if args.wants(Section::Schedule) {
         r.schedule = Some(schedule::measure(&mut b, &args).await?);
     }

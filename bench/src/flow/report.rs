@@ -18,6 +18,8 @@ pub(crate) struct FlowResults {
     pub(crate) rate: Option<Variants<RateRun>>,
     pub(crate) partial: Option<PartialResults>,
     pub(crate) outage: Option<Variants<OutageRun>>,
+    /// The 1-minute load average when the benchmark began.
+    pub(crate) load_at_start: String,
 }
 
 fn stat(values: impl IntoIterator<Item = f64>) -> Stat {
@@ -32,6 +34,14 @@ fn cell(s: &Stat, decimals: usize) -> String {
     } else {
         format!("{m} ({range})")
     }
+}
+
+/// The 1-minute load average (other work on the machine skews figures).
+pub(crate) fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -49,21 +59,20 @@ pub(crate) fn render(
     svg: Option<&Path>,
 ) -> String {
     let mut t = String::new();
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".into());
+    let load = load_average();
     let _ = writeln!(
         t,
         "# conveyor flow-control benchmark, {}\n\n\
-         commit {}; release build; `scripts/bench flow` ({} runs, {:.0} s; load average {load} at the end, \
-         {} CPUs). RabbitMQ and PostgreSQL on loopback; the simulator (`conveyor simulate`) and conveyor \
+         commit {}; {} build; `scripts/bench flow` (runs: {}, {:.0} s; load average {} at the start, \
+         {load} at the end, {} CPUs). RabbitMQ and PostgreSQL on loopback; the simulator (`conveyor simulate`) and conveyor \
          (`conveyor run`) as child processes; simulator latency L = {} ms at both endpoints. \
          Every figure: median of the runs (min–max).\n",
         chrono::Utc::now().format("%Y-%m-%d %H:%MZ"),
         commit(),
+        if cfg!(debug_assertions) { "debug" } else { "release" },
         a.runs,
         started.elapsed().as_secs_f64(),
+        r.load_at_start,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         a.latency_ms,
     );
@@ -319,7 +328,7 @@ fn outage(t: &mut String, a: &FlowArgs, o: &Variants<OutageRun>) {
     );
     for (label, runs) in o {
         let ratio = stat(runs.iter().map(|r| r.outage / r.healthy));
-        let bounded = label.contains("budget");
+        let bounded = label.starts_with("retry budget");
         let _ = writeln!(
             t,
             "| {label} | {} | {} | {} | {} | {} | {} |",

@@ -189,7 +189,12 @@ async fn one(b: &mut Bench, args: &FlowArgs, c: Contestant) -> anyhow::Result<Ru
             let (nd, np) = b.daemon(&url, &c.env(*cap)).await?;
             d = nd;
             sampler.port.store(np, std::sync::atomic::Ordering::Release);
-            froms.push((i0.elapsed().as_secs_f64(), Utc::now()));
+            let ready = i0.elapsed().as_secs_f64();
+            say(format!(
+                "  oracle restarted with C = {cap} in {:.2} s",
+                ready - change.0
+            ));
+            froms.push((ready, Utc::now()));
         } else {
             froms.push(change);
         }
