@@ -228,9 +228,18 @@ pub(crate) async fn committed_series(
     .bind(bucket)
     .fetch_all(&b.pool)
     .await?;
-    Ok(rows
+    // A bin without a commit is a zero, not a gap for the line to bridge.
+    let last = rows.last().map_or(0, |(k, _)| *k as usize);
+    let mut counts = vec![0i64; last + 1];
+    for (k, n) in rows {
+        if let Some(c) = counts.get_mut(k as usize) {
+            *c = n;
+        }
+    }
+    Ok(counts
         .into_iter()
-        .map(|(k, n)| ((k + 0.5) * bucket, n as f64 / bucket))
+        .enumerate()
+        .map(|(k, n)| ((k as f64 + 0.5) * bucket, n as f64 / bucket))
         .collect())
 }
 
