@@ -65,8 +65,9 @@ pub(crate) fn render(
         "# conveyor flow-control benchmark, {}\n\n\
          commit {}; {} build; `scripts/bench flow` (runs: {}, {:.0} s; load average {} at the start, \
          {load} at the end, {} CPUs). RabbitMQ and PostgreSQL on loopback; the simulator (`conveyor simulate`) and conveyor \
-         (`conveyor run`) as child processes; simulator latency L = {} ms at both endpoints. \
-         Every figure: median of the runs (min–max).\n",
+         (`conveyor run`) as child processes; simulator latency L = {} ms at both endpoints; \
+         the daemon as configured by default except as stated, with `shutdown.drain_timeout` = 5 s \
+         (a drain that waits for an open circuit leaves the rest queued). Every figure: median of the runs (min–max).\n",
         chrono::Utc::now().format("%Y-%m-%d %H:%MZ"),
         commit(),
         if cfg!(debug_assertions) { "debug" } else { "release" },

@@ -22,7 +22,6 @@ use serde_json::json;
 use super::world::{self, SimLimits};
 use super::FlowArgs;
 use crate::harness::Bench;
-use crate::procs::Proc;
 use crate::say;
 
 pub(crate) struct RateRun {
@@ -52,13 +51,6 @@ pub(crate) struct OutageRun {
 
 /// Per variant (its label): one result per run.
 pub(crate) type Variants<T> = Vec<(String, Vec<T>)>;
-
-/// Stops the daemon (its exit code is not judged here: a drain during an
-/// open circuit may run out its deadline, which leaves orders queued).
-async fn stop(d: &mut Proc) -> anyhow::Result<()> {
-    d.terminate(Duration::from_secs(60)).await?;
-    Ok(())
-}
 
 /// Publishes `n` orders at `rate`/s in the background.
 fn arrivals(b: &mut Bench, n: u64, rate: f64) -> tokio::task::JoinHandle<anyhow::Result<u64>> {
@@ -154,12 +146,12 @@ async fn rate_one(
     world::reset(b).await?;
     let n = (f64::from(args.provider_rate) * (args.rate_secs + 5.0) * 1.1) as u64;
     b.publish(n, false).await?;
-    let (mut d, _) = b.daemon(&url, env).await?;
+    let (mut d, _) = world::daemon(b, &url, env).await?;
     let i0 = Instant::now();
     let t0 = Utc::now();
     tokio::time::sleep_until((i0 + Duration::from_secs_f64(args.rate_secs)).into()).await;
     let t1 = Utc::now();
-    stop(&mut d).await?;
+    super::schedule::stop(&mut d).await?;
     let from = t0 + chrono::Duration::seconds(2);
     let (rows, _) = world::window(b, from, t1).await?;
     let span = (t1 - from).num_milliseconds() as f64 / 1000.0;
@@ -239,14 +231,14 @@ async fn partial_one(
     )
     .await?;
     world::reset(b).await?;
-    let (mut d, port) = b.daemon(&url, env).await?;
+    let (mut d, port) = world::daemon(b, &url, env).await?;
     let n = (args.arrival_rate * args.failure_secs) as u64;
     let t0 = Utc::now();
     let published = arrivals(b, n, args.arrival_rate).await??;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let t1 = Utc::now();
     let m = world::metrics(port).await?;
-    stop(&mut d).await?;
+    super::schedule::stop(&mut d).await?;
     let (stored, _) = world::window(b, t0, t1).await?;
     let dead = world::account(b, &url, published).await?;
     sim.terminate(Duration::from_secs(10)).await?;
@@ -319,7 +311,7 @@ async fn outage_one(
     let (mut sim, url) =
         world::simulator(b, args.latency_ms, SimLimits::default(), "outage").await?;
     world::reset(b).await?;
-    let (mut d, port) = b.daemon(&url, env).await?;
+    let (mut d, port) = world::daemon(b, &url, env).await?;
     let total = args.healthy_secs + args.outage_secs;
     let n = (args.arrival_rate * total) as u64;
     let i0 = Instant::now();
@@ -334,7 +326,7 @@ async fn outage_one(
     at(total).await;
     let m2 = world::metrics(port).await?;
     let published = publisher.await??;
-    stop(&mut d).await?;
+    super::schedule::stop(&mut d).await?;
     let dead = world::account(b, &url, published).await?;
     sim.terminate(Duration::from_secs(10)).await?;
     Ok(OutageRun {

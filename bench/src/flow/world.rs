@@ -60,6 +60,22 @@ pub(crate) async fn simulator(
     Ok((sim, url))
 }
 
+/// How long a stopped daemon may drain: a drain waiting for an open
+/// circuit gives up after it (what is unfinished goes back to the queue),
+/// so a run ends without the default 20 s of waiting.
+pub(crate) const DRAIN_TIMEOUT: (&str, &str) = ("CONVEYOR__SHUTDOWN__DRAIN_TIMEOUT", "5s");
+
+/// Starts the daemon with `env` and [`DRAIN_TIMEOUT`].
+pub(crate) async fn daemon(
+    b: &Bench,
+    sim_url: &str,
+    env: &[(&str, String)],
+) -> anyhow::Result<(Proc, u16)> {
+    let mut env = env.to_vec();
+    env.push((DRAIN_TIMEOUT.0, DRAIN_TIMEOUT.1.to_string()));
+    b.daemon(sim_url, &env).await
+}
+
 /// Merges `patch` into the simulator's knobs (`PUT /knobs`).
 pub(crate) async fn knobs(url: &str, patch: serde_json::Value) -> anyhow::Result<()> {
     let r = reqwest::Client::new()
