@@ -111,8 +111,10 @@ fn schedule(t: &mut String, a: &FlowArgs, s: &ScheduleResults) {
          and retries from conveyor's `/metrics` (both downstreams); the adaptive limits are sampled \
          from `conveyor_downstream_concurrency_limit` every {} ms, and *settled* is the time after \
          the change until both downstreams' limits stay within ±25 % of the capacity. The oracle \
-         is restarted at each change with C = the new capacity and measured from the moment it is \
-         ready again (the restart's gap is not held against it). Stage concurrency C applies to \
+         is stopped at each change (it drains at the capacity it was sized for), then the capacity \
+         changes and it starts again with C = the new capacity; its phase is measured from the moment \
+         it is ready (the restart's gap is not held against it). *Limit* is the median of the sampled \
+         limits over the phase's second half, payment / rule engine. Stage concurrency C applies to \
          both the validate and the charge stage.\n",
         caps.join(" → "),
         a.phase_secs,
@@ -126,8 +128,8 @@ fn schedule(t: &mut String, a: &FlowArgs, s: &ScheduleResults) {
         let _ = writeln!(
             t,
             "### Phase {} — capacity {cap} (bound {:.0} orders/s)\n\n\
-             | contestant | orders/s | p99 receive → commit (ms) | 503/429 share of calls (%) | retries | settled (s) |\n\
-             |---|---:|---:|---:|---:|---:|",
+             | contestant | orders/s | p99 receive → commit (ms) | 503/429 share of calls (%) | retries | settled (s) | limit |\n\
+             |---|---:|---:|---:|---:|---:|---:|",
             k + 1,
             f64::from(*cap) * 1000.0 / a.latency_ms.max(1) as f64,
         );
@@ -147,12 +149,14 @@ fn schedule(t: &mut String, a: &FlowArgs, s: &ScheduleResults) {
             };
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {} | {} | {settled} |",
+                "| {} | {} | {} | {} | {} | {settled} | {} / {} |",
                 c.label(),
                 cell(&ph(&|p| p.rate), 0),
                 cell(&ph(&|p| p.p99_ms), 0),
                 cell(&ph(&|p| 100.0 * p.refused_share), 2),
                 cell(&ph(&|p| p.retries), 0),
+                cell(&ph(&|p| p.limit[1]), 0),
+                cell(&ph(&|p| p.limit[0]), 0),
             );
         }
         if let (Some(o), Some(ad)) = (oracle, adaptive) {
@@ -165,7 +169,7 @@ fn schedule(t: &mut String, a: &FlowArgs, s: &ScheduleResults) {
             let p99 = stat(pairs.iter().map(|(x, y)| x.p99_ms / y.p99_ms));
             let _ = writeln!(
                 t,
-                "| **adaptive ÷ oracle** | {} | {} | | | |\n",
+                "| **adaptive ÷ oracle** | {} | {} | | | | |\n",
                 cell(&rate, 2),
                 cell(&p99, 2)
             );

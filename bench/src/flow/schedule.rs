@@ -5,9 +5,10 @@
 //! how soon the limit settles near the new capacity.
 //!
 //! The oracle cannot change its concurrency at run time, so it is
-//! restarted at each change with C = the new capacity (SIGTERM: in-flight
-//! orders finish, the unstarted ones go back to the queue), and its phase
-//! is measured from the moment the new daemon is ready: the ideal a fixed
+//! restarted at each change: SIGTERM (its orders finish at the capacity it
+//! was sized for, the unstarted ones go back to the queue), then the
+//! capacity changes and a daemon with C = the new capacity starts; its
+//! phase is measured from the moment that one is ready: the ideal a fixed
 //! limit could reach if it were always right, without the restart's gap.
 
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use serde_json::json;
 use super::world::{self, Sample, Sampler, SimLimits};
 use super::FlowArgs;
 use crate::harness::Bench;
+use crate::report::Stat;
 use crate::say;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -77,6 +79,8 @@ pub(crate) struct Phase {
     /// Seconds from the change until both limits stay within ±25 % of the
     /// capacity; `None` when they did not by the phase's end.
     pub(crate) settle: Option<f64>,
+    /// Median sampled limit over the phase's second half: rule engine, payment.
+    pub(crate) limit: [f64; 2],
 }
 
 /// One contestant's run through the schedule.
@@ -176,15 +180,14 @@ async fn one(b: &mut Bench, args: &FlowArgs, c: Contestant) -> anyhow::Result<Ru
     for (i, cap) in caps.iter().enumerate().skip(1) {
         tokio::time::sleep_until((i0 + Duration::from_secs_f64(i as f64 * secs)).into()).await;
         let change = (i0.elapsed().as_secs_f64(), Utc::now());
-        world::knobs(
-            &url,
-            json!({"validate": {"capacity": cap}, "charge": {"capacity": cap}}),
-        )
-        .await?;
+        let knob = json!({"validate": {"capacity": cap}, "charge": {"capacity": cap}});
         changes.push(change);
         if c == Contestant::Oracle {
+            // The old daemon drains at the capacity it was sized for, then
+            // the capacity changes and the new one starts.
             sampler.port.store(0, std::sync::atomic::Ordering::Release);
             stop(&mut d).await?;
+            world::knobs(&url, knob).await?;
             let (nd, np) = world::daemon(b, &url, &c.env(*cap)).await?;
             d = nd;
             sampler.port.store(np, std::sync::atomic::Ordering::Release);
@@ -195,6 +198,7 @@ async fn one(b: &mut Bench, args: &FlowArgs, c: Contestant) -> anyhow::Result<Ru
             ));
             froms.push((ready, Utc::now()));
         } else {
+            world::knobs(&url, knob).await?;
             froms.push(change);
         }
     }
@@ -228,6 +232,17 @@ async fn one(b: &mut Bench, args: &FlowArgs, c: Contestant) -> anyhow::Result<Ru
             },
             retries: world::rise(&samples, from_t, to_t, |m| m.retries),
             settle: settle(&samples, changes[i].0, to_t, *cap),
+            limit: [0, 1].map(|k| {
+                let half = (from_t + to_t) / 2.0;
+                Stat(
+                    samples
+                        .iter()
+                        .filter(|s| s.t >= half && s.t < to_t)
+                        .map(|s| s.m.limit[k])
+                        .collect(),
+                )
+                .median()
+            }),
         });
     }
     let limit = |k: usize| samples.iter().map(|s| (s.t, s.m.limit[k])).collect();
