@@ -7,6 +7,7 @@
 //! to back) and then summarised the same way. Run it with `scripts/bench`.
 
 mod floor;
+mod flow;
 mod harness;
 mod plot;
 mod procs;
@@ -160,6 +161,9 @@ async fn measure(b: &mut Bench) -> anyhow::Result<Results> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "flow") {
+        return flow::main(std::env::args_os().skip(1)).await;
+    }
     let args = Args::parse();
     anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
     let started = Instant::now();
