@@ -109,7 +109,7 @@ impl fmt::Debug for DownstreamConfig {
 
 /// Circuit breaker of one downstream, for outages rather than partial
 /// failures. It opens when some recent stretch of the last `window` — back
-/// to a bucket boundary, `window`/20 wide — holds at least `min_calls` calls
+/// to a bucket boundary, `window`/40 wide — holds at least `min_calls` calls
 /// and fails transiently (timeout, connect error, 5xx, 429) at
 /// `failure_rate` or more, an order's retries weighing a quarter of its
 /// first attempt; a 4xx answer is the downstream working and counts as a
@@ -159,9 +159,9 @@ impl Default for BreakerConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            failure_rate: 0.8,
+            failure_rate: 0.9,
             window: Duration::from_secs(10),
-            min_calls: 200,
+            min_calls: 100,
             open_for: Duration::from_secs(5),
             half_open_probes: 3,
             half_open_successes: 2,

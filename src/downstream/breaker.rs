@@ -6,7 +6,7 @@
 //! chance fluctuations of a partial failure.
 //!
 //! * **Closed**: every call goes through. Outcomes are kept for the last
-//!   `window` of time, in 20 buckets ([`window`]). The circuit opens when
+//!   `window` of time, in 40 buckets ([`window`]). The circuit opens when
 //!   some recent stretch of it — the current bucket, or it and the one
 //!   before, and so on back to the whole window — holds at least
 //!   `min_calls` calls and its share of *transient* failures (timeout,
@@ -31,49 +31,57 @@
 //! slower than the successes before them did: over the whole window the
 //! rate would reach `failure_rate` only once the healthy past aged out, a
 //! whole `window` later. Judging the newest stretch that has `min_calls`
-//! calls opens within one bucket plus the time `min_calls` failures take:
-//! with the default stage concurrency (64 workers) answered 503 at once,
-//! about half a second; with every call timing out after 500 ms, about two.
-//! The price is that each judgement tests up to 20 stretches, counted in
-//! the bound below. At low traffic a stretch needs more time to hold
-//! `min_calls` calls, and the circuit opens later (or, below `min_calls`
-//! calls per `window`, never): lower `min_calls` there, with the risk below.
+//! calls opens within one bucket (250 ms of the default 10 s) plus the time
+//! `min_calls` failures take: with the default stage concurrency (64
+//! workers) answered 503 at once, a fraction of a second; with every call
+//! timing out after 500 ms, the timeout plus under a second. The price is
+//! that each judgement tests up to 40 stretches, counted in the bound
+//! below. At low traffic a stretch needs more time to hold `min_calls`
+//! calls, and the circuit opens later (or, below `min_calls` calls per
+//! `window`, never): lower `min_calls` there, with the risk below.
 //!
 //! **First attempts weigh more than retries.** Each call weighs 1 if it is
 //! an order's first attempt (or its first after waiting for the circuit)
 //! and [`window::RETRY_WEIGHT`] (0.25) if it is a retry. Under independent
 //! failures both kinds fail at the same rate, so the weighting does not
-//! bias the estimate. It matters when a few orders fail for themselves
+//! bias the estimate. It matters when some orders fail for themselves
 //! alone: each of them makes about 35 attempts before the default 30 s
 //! `max_elapsed`, so at full weight 3 % of orders failing that way would
-//! make half of all calls failures, and 10 % would reach 0.8; at 0.25 it
-//! takes about 30 % of the orders. Retries still count, so a stage whose
+//! make half of all calls failures, and 20 % would reach 0.9; at 0.25 it
+//! takes about half of the orders. Retries still count, so a stage whose
 //! workers are all retrying (an outage, no first attempts left) is judged
 //! on what it sees now. `min_calls` counts calls of either kind.
 //!
-//! **The maths behind the defaults** (`failure_rate` 0.8, `min_calls` 200,
+//! **The maths behind the defaults** (`failure_rate` 0.9, `min_calls` 100,
 //! `window` 10 s). With independent failures at rate p, the failed share of
 //! a stretch is a weighted binomial; its effective sample size (Σw)²/Σw² is
 //! at least 0.74 × its calls for p ≤ 0.5 (retries make up p/(1−p) of the
-//! calls), so a stretch of 200 calls weighs like ≥ 140 independent trials.
+//! calls), so a stretch of 100 calls weighs like ≥ 74 independent trials.
 //! The binomial tail P(X ≥ ⌈r·n⌉) for n trials at rate p:
 //!
-//! | p | failure_rate r | n = 100 | n = 140 | n = 200 | n = 300 |
+//! | p | failure_rate r | n = 74 | n = 100 | n = 150 | n = 250 |
 //! |---|---|---|---|---|---|
-//! | 0.3 | 0.5 | 2.2e-5 | 5.8e-7 | 2.6e-9 | 3.5e-13 |
-//! | 0.5 | 0.8 | 5.6e-10 | 2.1e-13 | 1.7e-18 | 5.9e-27 |
-//! | 0.3 | 0.8 | 7.1e-25 | 3.2e-34 | 3.2e-48 | 1.7e-71 |
+//! | 0.3 | 0.5 | 2.4e-4 | 2.2e-5 | 2.3e-7 | 3.0e-11 |
+//! | 0.5 | 0.8 | 3.1e-8 | 5.6e-10 | 3.0e-14 | 9.9e-23 |
+//! | 0.5 | 0.9 | 1.1e-13 | 1.5e-17 | 1.3e-25 | 1.0e-41 |
+//! | 0.3 | 0.9 | 1.4e-27 | 4.5e-36 | 2.1e-53 | 5.2e-88 |
 //!
-//! A stretch of `min_calls` calls starts afresh about every `min_calls`
-//! calls and each judgement looks at up to 20 stretches, so at 1,000 calls
-//! per second (4.3·10⁵ fresh stretches a day, × 20) the default opens on a
-//! 50 % partial failure with a chance of about 2·10⁻⁶ a day (n = 140 row),
-//! and on a 30 % one never in practice. `failure_rate` 0.5 keeps a 30 %
-//! partial failure closed only with a larger `min_calls` (at 200 calls,
-//! n_eff ≈ 166, it would open about once in two days at that traffic; at
-//! 300, n_eff ≈ 250, about once in 16 years), and opens on most 50 % ones:
-//! hence 0.8 — a real outage fails every call (rate 1), and a downstream
-//! still answering most calls is better served by retries than by a pause.
+//! The circuit is judged at every call, over windows that slide by one
+//! call; the chance that any of N windows of n calls crosses r is about
+//! N·(r − p)·tail (the scan statistic), which also covers the 40 nested
+//! stretches of a judgement. At 1,000 calls per second (N = 8.6·10⁷ a day)
+//! the default opens on a 50 % partial failure with a chance of about
+//! 4·10⁻⁶ a day (n = 74 row), and on a 30 % one never in practice.
+//! `failure_rate` 0.8 at the same `min_calls` would open about once a day
+//! on a 50 % failure. `failure_rate` 0.5 keeps a 30 % partial failure
+//! closed only with a larger `min_calls`: at 300 (n_eff ≈ 250) about once
+//! in five years at that traffic, at 200 (n_eff ≈ 166) about every other
+//! day. Hence 0.9: a real outage fails every call (rate 1), and a
+//! downstream still answering a tenth of its calls is served by retries
+//! (an order fails all of its ~35 attempts at 85 % with a chance of 0.3 %,
+//! and is then dead-lettered as `retries_exhausted`; enable the retry
+//! budget, or lower `failure_rate` with a larger `min_calls`, where that
+//! zone matters).
 //!
 //! **Half-open: a majority, not all.** With 3 probes of which 2 must
 //! succeed, a downstream that is back but still fails 30 % of calls closes

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Buckets per window. 20 keeps the look-back exact to 5 % of the window and
-/// lets the onset of an outage be judged within one bucket (500 ms of the
-/// default 10 s) of fresh failures, at the cost of 20 additions per judgement.
-pub const BUCKETS: usize = 20;
+/// Buckets per window. 40 keeps the look-back exact to 2.5 % of the window
+/// and lets the onset of an outage be judged within one bucket (250 ms of
+/// the default 10 s) of fresh failures, at the cost of 40 additions per
+/// judgement.
+pub const BUCKETS: usize = 40;
 
 /// What a retry weighs against a first attempt in the failure rate. Below 1
 /// so that a few orders failing for themselves alone, each retried a dozen
