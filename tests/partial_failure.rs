@@ -57,7 +57,11 @@ async fn thirty_percent_503s_are_retried_without_opening_the_circuit() {
     let started = std::time::Instant::now();
     loop {
         for d in DOWNSTREAMS {
-            let state = value(&daemon, &format!("conveyor_circuit_state{{downstream=\"{d}\"}}")).await;
+            let state = value(
+                &daemon,
+                &format!("conveyor_circuit_state{{downstream=\"{d}\"}}"),
+            )
+            .await;
             states_seen[state as usize] += 1;
         }
         if value(&daemon, "conveyor_messages_acked_total").await >= N as f64 {
@@ -73,7 +77,13 @@ async fn thirty_percent_503s_are_retried_without_opening_the_circuit() {
     let mut openings = Vec::new();
     let mut shares = Vec::new();
     for d in DOWNSTREAMS {
-        openings.push(value(&daemon, &format!("conveyor_circuit_openings_total{{downstream=\"{d}\"}}")).await);
+        openings.push(
+            value(
+                &daemon,
+                &format!("conveyor_circuit_openings_total{{downstream=\"{d}\"}}"),
+            )
+            .await,
+        );
         let requests = |result: &str| {
             format!("conveyor_downstream_requests_total{{downstream=\"{d}\",result=\"{result}\"}}")
         };
@@ -101,7 +111,10 @@ async fn thirty_percent_503s_are_retried_without_opening_the_circuit() {
     let min_calls = f64::from(conveyor::config::BreakerConfig::default().min_calls);
     for ((calls, share), want) in shares.iter().zip([0.1, 0.3]) {
         assert!(*calls >= 5.0 * min_calls, "{calls} calls");
-        assert!((share - want).abs() < 0.05, "503 share {share}, want {want}");
+        assert!(
+            (share - want).abs() < 0.05,
+            "503 share {share}, want {want}"
+        );
     }
     assert!(retries >= 0.3 * N as f64, "{retries} retries");
 

@@ -116,7 +116,9 @@ use window::Window;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     Closed,
-    Open { until: Instant },
+    Open {
+        until: Instant,
+    },
     HalfOpen {
         admitted: u32,
         succeeded: u32,

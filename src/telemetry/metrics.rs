@@ -378,8 +378,7 @@ impl Metrics {
         m.registry.register(Box::new(m.broker_errors.clone()))?;
         m.registry.register(Box::new(m.rabbitmq_queue.clone()))?;
         m.registry.register(Box::new(m.circuit_state.clone()))?;
-        m.registry
-            .register(Box::new(m.circuit_openings.clone()))?;
+        m.registry.register(Box::new(m.circuit_openings.clone()))?;
         m.registry
             .register(Box::new(m.oldest_unacked_age.clone()))?;
         m.registry.register(Box::new(m.drain.gauge()))?;

@@ -140,13 +140,13 @@ fn the_old_count_window_is_refused_naming_the_key_and_its_replacement() {
     }
     let err = Config::load_with_env(
         None,
-        Some(env(&[("CONVEYOR__PAYMENT__BREAKER__WINDOW", "ten seconds")])),
+        Some(env(&[(
+            "CONVEYOR__PAYMENT__BREAKER__WINDOW",
+            "ten seconds",
+        )])),
     )
     .expect_err("not a span");
-    assert!(
-        err.to_string().contains("payment.breaker.window"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("payment.breaker.window"), "{err}");
 }
 
 #[test]

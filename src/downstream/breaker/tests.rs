@@ -63,7 +63,13 @@ fn is_open(b: &CircuitBreaker) -> bool {
 
 /// `n` first attempts, `every` apart, each failing with chance `p`; returns
 /// after the first that opens the circuit, with how many were made.
-async fn random_calls(b: &CircuitBreaker, rng: &mut StdRng, n: u32, p: f64, every: Duration) -> u32 {
+async fn random_calls(
+    b: &CircuitBreaker,
+    rng: &mut StdRng,
+    n: u32,
+    p: f64,
+    every: Duration,
+) -> u32 {
     for i in 0..n {
         call(b, outcome(rng.random_bool(p)));
         if !b.is_closed() {
@@ -80,7 +86,10 @@ async fn an_outage_opens_it_once_min_calls_are_in() {
     for _ in 0..19 {
         call(&b, unavailable());
     }
-    assert!(b.is_closed(), "19 failures, all of them, but below min_calls");
+    assert!(
+        b.is_closed(),
+        "19 failures, all of them, but below min_calls"
+    );
     call(&b, unavailable());
     assert!(is_open(&b), "20 of 20");
     assert_eq!(b.metrics.state.get(), 2);
