@@ -187,9 +187,9 @@ fn deserialize_window<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration
             ))
         }),
         Raw::Count(n) => Err(serde::de::Error::custom(format!(
-            "a count of calls ({n}) is no longer accepted: breaker.window is now a time \
-             span such as \"10s\", and breaker.min_calls the calls it must hold before \
-             the failure rate is judged"
+            "a count of calls ({n}) is no longer accepted: the window is now a time span \
+             such as \"10s\" (and breaker.min_calls the calls a stretch of it must hold \
+             to be judged)"
         ))),
     }
 }
