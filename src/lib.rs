@@ -59,6 +59,11 @@ pub struct Report {
 /// [`shutdown::EXIT_FORCED`]) and a fatal error (1).
 pub const EXIT_DRAIN_TIMEOUT: u8 = 75;
 
+/// Exit code of a configuration the daemon refuses (`EX_CONFIG`): starting
+/// it again cannot help, so the systemd unit lists it in
+/// `RestartPreventExitStatus=` rather than restarting it every few seconds.
+pub const EXIT_BAD_CONFIG: u8 = 78;
+
 /// How long a source may take to close after the drain deadline, once the
 /// pipeline is gone, before it is cancelled.
 const SOURCE_CLOSE_LIMIT: Duration = Duration::from_secs(5);

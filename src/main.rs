@@ -50,7 +50,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("conveyor: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(conveyor::EXIT_BAD_CONFIG);
         }
     };
     if let Command::CheckConfig = cli.command {

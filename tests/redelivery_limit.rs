@@ -10,7 +10,11 @@
 //!   as `redelivery_limit` once it has been delivered more than
 //!   `source.max_deliveries` times, counted by the broker on a quorum queue
 //!   and by the store on a classic one; the rest of the queue drains and
-//!   the order is charged once whatever the number of deliveries.
+//!   the order is charged once whatever the number of deliveries;
+//! * the orders that were in flight beside it at a kill (charged, waiting
+//!   for their batch) are not dead-lettered with it: a last chance is worked
+//!   on alone, and on a quorum queue, whose broker counts every message the
+//!   daemon held, only a message that died alone is convicted.
 
 mod common;
 
@@ -125,21 +129,40 @@ async fn a_quorum_queue_is_declared_with_its_limit_and_the_broker_dead_letters_p
     env.cleanup().await;
 }
 
+/// Where the other orders are when the daemon is killed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Neighbours {
+    /// Stored by the first run.
+    Stored,
+    /// Charged and waiting for their batch beside the hung one at the
+    /// first kill: killed with it.
+    InFlight,
+}
+
 /// One hanging order among good ones; the daemon is killed while it waits
 /// on that order's charge, `max` times. The next start dead-letters it
-/// before any work.
-async fn crash_loop_is_contained(queue_type: QueueType) {
-    const GOOD: i64 = 30;
-    let max = 3u32;
+/// before any work, and only it.
+async fn crash_loop_is_contained(queue_type: QueueType, neighbours: Neighbours) {
+    let (good, max, batch_wait): (i64, u32, _) = match neighbours {
+        Neighbours::Stored => (30, 3, "20ms"),
+        // A batch that waits two seconds: the neighbours are charged and
+        // still in flight when the hung charge is seen and the kill comes.
+        Neighbours::InFlight => (4, 2, "2s"),
+    };
+    let stored = neighbours == Neighbours::Stored;
     let env = Env::new(
-        &format!("crash{}", queue_type_env(queue_type)),
+        &format!(
+            "crash{}{}",
+            queue_type_env(queue_type),
+            if stored { "" } else { "near" }
+        ),
         Knobs::default(),
     )
     .await;
     let cfg = rabbit(&env, queue_type);
     let hung_id = format!("{}-hang", env.name);
     let mut bodies = vec![order(&hung_id, "hang-forever")];
-    bodies.extend((0..GOOD).map(|i| order(&format!("{}-{i}", env.name), "c-7")));
+    bodies.extend((0..good).map(|i| order(&format!("{}-{i}", env.name), "c-7")));
     env.publish_to(&cfg, bodies).await;
 
     let max_text = max.to_string();
@@ -148,6 +171,7 @@ async fn crash_loop_is_contained(queue_type: QueueType) {
         ("CONVEYOR__SOURCE__MAX_DELIVERIES", max_text.as_str()),
         // The hung charge outlives every run: only the kill ends it.
         ("CONVEYOR__PAYMENT__TIMEOUT", "120s"),
+        ("CONVEYOR__BATCH__MAX_WAIT", batch_wait),
     ];
     let charge_requests = || {
         env.sim
@@ -157,14 +181,25 @@ async fn crash_loop_is_contained(queue_type: QueueType) {
             .find(|c| c.order_id == hung_id)
             .map_or(0, |c| c.requests)
     };
+    let all_charged = || env.sim.ledger().charges.len() == 1 + good as usize;
     for delivery in 1..=max {
         let mut daemon = Daemon::start(&env, &extra).await;
         wait_for(
-            "the good orders stored and the hung charge requested",
-            Duration::from_secs(30),
-            || async { env.rows().await == GOOD && charge_requests() >= u64::from(delivery) },
+            "the good orders where wanted and the hung charge requested",
+            Duration::from_secs(60),
+            || async {
+                let placed = if stored {
+                    env.rows().await == good
+                } else {
+                    delivery > 1 || all_charged()
+                };
+                placed && charge_requests() >= u64::from(delivery)
+            },
         )
         .await;
+        if !stored && delivery == 1 {
+            assert_eq!(env.rows().await, 0, "the neighbours were still in flight");
+        }
         daemon.signal(Signal::SIGKILL);
         daemon.wait(Duration::from_secs(10)).await;
     }
@@ -177,7 +212,7 @@ async fn crash_loop_is_contained(queue_type: QueueType) {
     .await;
     wait_for(
         "the queue empty and acked",
-        Duration::from_secs(15),
+        Duration::from_secs(40),
         || async { env.ready(&env.queue).await == 0 && unacked(&env.queue).await == 0 },
     )
     .await;
@@ -199,7 +234,7 @@ async fn crash_loop_is_contained(queue_type: QueueType) {
         "{headers:?}"
     );
     assert_eq!(body, &order(&hung_id, "hang-forever"));
-    assert_eq!(env.rows().await, GOOD, "every good order stored once");
+    assert_eq!(env.rows().await, good, "every good order stored once");
     let ledger = env.sim.ledger();
     assert_eq!(
         ledger.double_charged_orders, 0,
@@ -217,7 +252,7 @@ async fn crash_loop_is_contained(queue_type: QueueType) {
         "charged on each of the {max} deliveries that got that far, never after"
     );
     println!(
-        "crash loop {queue_type:?}: {max} kills, then dead-lettered on delivery {}; {GOOD} stored",
+        "crash loop {queue_type:?}: {max} kills, then dead-lettered on delivery {}; {good} stored",
         max + 1
     );
     env.cleanup().await;
@@ -225,10 +260,20 @@ async fn crash_loop_is_contained(queue_type: QueueType) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_keeps_killing_the_daemon_is_dead_lettered_on_a_quorum_queue() {
-    crash_loop_is_contained(QueueType::Quorum).await;
+    crash_loop_is_contained(QueueType::Quorum, Neighbours::Stored).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_keeps_killing_the_daemon_is_dead_lettered_on_a_classic_queue() {
-    crash_loop_is_contained(QueueType::Classic).await;
+    crash_loop_is_contained(QueueType::Classic, Neighbours::Stored).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orders_killed_beside_it_are_not_dead_lettered_with_it_on_a_classic_queue() {
+    crash_loop_is_contained(QueueType::Classic, Neighbours::InFlight).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orders_killed_beside_it_are_not_dead_lettered_with_it_on_a_quorum_queue() {
+    crash_loop_is_contained(QueueType::Quorum, Neighbours::InFlight).await;
 }

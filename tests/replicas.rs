@@ -1,8 +1,8 @@
 //! Scale-out under faults: three `conveyor run` processes on one backlog.
 //!
-//! * RabbitMQ: three competing consumers of one queue; one is killed with
-//!   `kill -9` mid-run and restarted, another is stopped with SIGTERM
-//!   mid-run (and stays stopped).
+//! * RabbitMQ: three competing consumers of one queue, classic and quorum;
+//!   one is killed with `kill -9` mid-run and started again a little later,
+//!   another is stopped with SIGTERM mid-run (and stays stopped).
 //! * Kafka: three members of one consumer group (`NAME::mock` and
 //!   `NAME::tansu`); the `kill -9` of one member makes the group rebalance
 //!   once its session times out, it rejoins, then another leaves with
@@ -14,29 +14,39 @@
 //! rows, each with that order's own charge id; no order charged twice; the
 //! queue is empty with nothing unacknowledged, or every partition's
 //! committed offset is at its log end. Each scenario prints one line,
-//! `scenario=<name> sent=N stored=N dead_lettered=N shares=a/b/c/a' secs=X`,
+//! `scenario=<name> sent=N stored=N dead_lettered=N shares=a/b/c/a' secs=X` (from the first replica's start),
 //! the shares being each process's acknowledged messages (a and b just
 //! before their fault, a' the restarted a; redeliveries count again, so on
 //! Kafka they can add up to more than were sent). The rows stored at each
 //! fault are printed too: on the mock cluster a member may work alone until
 //! the others' joins settle, so a fault can come later than its threshold.
+//! The line ends with `steady=`: per change, the seconds until throughput
+//! was steady again and the phase's median orders/s (see `pace`).
 
 mod common;
+#[path = "replicas/pace.rs"]
+mod pace;
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use common::{metric, unacked, wait_for, Backend, Daemon, Env, KafkaBroker};
+use conveyor::config::{QueueType, RabbitConfig};
 use conveyor::tools::produce::{Intent, Mix, OrderGen};
 use conveyor::tools::sim::{EndpointKnobs, Knobs};
 use nix::sys::signal::Signal;
+use pace::Pace;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-/// Orders per scenario: a backlog of a few thousand.
+/// Orders per Kafka scenario: a backlog of a few thousand.
 const ORDERS: u64 = 3_000;
+
+/// Orders per RabbitMQ scenario: enough for each change to have a few
+/// seconds of steady work after it.
+const RABBIT_ORDERS: u64 = 6_000;
 
 /// Six partitions: two per member while all three are up.
 const PARTITIONS: i32 = 6;
@@ -139,7 +149,7 @@ async fn verify(
     n: u64,
     dead: &[u64],
     shares: &[f64],
-    t: Instant,
+    pace: Pace,
 ) {
     let rows: Vec<String> = sqlx::query_scalar("SELECT order_id FROM orders")
         .fetch_all(&env.pool)
@@ -152,11 +162,12 @@ async fn verify(
     let dead: BTreeSet<u64> = dead.iter().copied().collect();
     let shares: Vec<String> = shares.iter().map(|s| format!("{s}")).collect();
     println!(
-        "scenario={name} sent={n} stored={} dead_lettered={} shares={} secs={:.1}",
+        "scenario={name} sent={n} stored={} dead_lettered={} shares={} secs={:.1} steady={}",
         rows.len(),
         dead.len(),
         shares.join("/"),
-        t.elapsed().as_secs_f64()
+        pace.elapsed().as_secs_f64(),
+        pace::summary(&pace.report())
     );
     let mut wrong = Vec::new();
     for i in 0..n {
@@ -192,32 +203,60 @@ async fn verify(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_three_competing_consumers_survive_kill9_and_sigterm() {
-    let started = Instant::now();
-    let env = Env::new("replrabbit", knobs()).await;
-    let gen = OrderGen::new(env.name.clone(), mix());
-    let stored = storable(&gen, ORDERS);
-    env.publish((0..ORDERS).map(|i| body(&gen, i))).await;
+    rabbitmq_scenario(QueueType::Classic).await
+}
 
-    let mut a = Daemon::start(&env, &[]).await;
-    let mut b = Daemon::start(&env, &[]).await;
-    let mut c = Daemon::start(&env, &[]).await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_three_consumers_of_a_quorum_queue_survive_kill9_and_sigterm() {
+    rabbitmq_scenario(QueueType::Quorum).await
+}
+
+async fn rabbitmq_scenario(queue_type: QueueType) {
+    let (tag, kind) = match queue_type {
+        QueueType::Classic => ("replrabbit", "classic"),
+        QueueType::Quorum => ("replquorum", "quorum"),
+    };
+    let env = Env::new(tag, knobs()).await;
+    let cfg = RabbitConfig {
+        queue_type,
+        ..env.rabbit()
+    };
+    let vars = [("CONVEYOR__RABBITMQ__QUEUE_TYPE", kind)];
+    let n = RABBIT_ORDERS;
+    let gen = OrderGen::new(env.name.clone(), mix());
+    let stored = storable(&gen, n);
+    env.publish_to(&cfg, (0..n).map(|i| body(&gen, i))).await;
+
+    let mut pace = Pace::start(env.pool.clone());
+    pace.mark("start");
+    let mut a = Daemon::start(&env, &vars).await;
+    let mut b = Daemon::start(&env, &vars).await;
+    let c = Daemon::start(&env, &vars).await;
     all_working(&[&a, &b, &c]).await;
 
-    wait_for("a quarter stored", limit(), || async {
-        env.rows().await >= stored / 4
-    })
-    .await;
+    let at = |share: i64| {
+        let env = &env;
+        async move {
+            wait_for(&format!("{share}/8 stored"), limit(), || async {
+                env.rows().await >= stored * share / 8
+            })
+            .await
+        }
+    };
+    at(2).await;
     let share_a = acked(&a).await;
     println!("kill -9 of a at {} rows stored", env.rows().await);
+    pace.mark("kill9");
     kill9(&mut a).await;
-    let mut a2 = Daemon::start(&env, &[]).await;
 
-    wait_for("half stored", limit(), || async {
-        env.rows().await >= stored / 2
-    })
-    .await;
+    at(3).await;
+    pace.mark("add");
+    let mut a2 = Daemon::start(&env, &vars).await;
+
+    at(5).await;
     let share_b = acked(&b).await;
     println!("SIGTERM of b at {} rows stored", env.rows().await);
+    pace.mark("sigterm");
     sigterm(&mut b, "b").await;
     all_working(&[&c, &a2]).await;
 
@@ -231,6 +270,7 @@ async fn rabbitmq_three_competing_consumers_survive_kill9_and_sigterm() {
         || async { env.ready(&env.queue).await == 0 && unacked(&env.queue).await == 0 },
     )
     .await;
+    let mut c = c;
     let shares = [share_a, share_b, acked(&c).await, acked(&a2).await];
     sigterm(&mut c, "c").await;
     sigterm(&mut a2, "a restarted").await;
@@ -241,13 +281,13 @@ async fn rabbitmq_three_competing_consumers_survive_kill9_and_sigterm() {
         .map(|(_, b)| index_in(&gen, b).expect("every dead letter names its order"))
         .collect();
     verify(
-        "rabbitmq_three_replicas",
+        &format!("rabbitmq_three_replicas_{kind}"),
         &env,
         &gen,
-        ORDERS,
+        n,
         &dead,
         &shares,
-        started,
+        pace,
     )
     .await;
     env.cleanup().await;
@@ -325,7 +365,6 @@ async fn kafka_three_cooperative_sticky_members_survive_kill9_and_sigterm_tansu(
 /// The Kafka scenario with librdkafka's default (eager) assignor or
 /// `strategy`.
 async fn kafka_scenario(backend: Backend, strategy: Option<&str>) {
-    let started = Instant::now();
     let env = Env::new("replkafka", knobs()).await;
     let broker = KafkaBroker::start(backend).await;
     let topic = format!("{}-orders", env.name);
@@ -366,6 +405,8 @@ async fn kafka_scenario(backend: Backend, strategy: Option<&str>) {
         ("CONVEYOR__KAFKA__LAG_INTERVAL", "1s"),
         ("CONVEYOR__KAFKA__REVOKE_TIMEOUT", "5s"),
     ];
+    let mut pace = Pace::start(env.pool.clone());
+    pace.mark("start");
     let mut a = Daemon::start(&env, &vars).await;
     let mut b = Daemon::start(&env, &vars).await;
     let mut c = Daemon::start(&env, &vars).await;
@@ -378,6 +419,7 @@ async fn kafka_scenario(backend: Backend, strategy: Option<&str>) {
     let share_a = acked(&a).await;
     let before = assigned(&b).await + assigned(&c).await;
     println!("kill -9 of a at {} rows stored", env.rows().await);
+    pace.mark("kill9");
     kill9(&mut a).await;
     // The group notices the dead member only when its session times out;
     // the survivors then take its partitions over (all partitions
@@ -386,6 +428,7 @@ async fn kafka_scenario(backend: Backend, strategy: Option<&str>) {
         assigned(&b).await + assigned(&c).await > before
     })
     .await;
+    pace.mark("add");
     let mut a2 = Daemon::start(&env, &vars).await;
     wait_for(
         "the restarted member assigned partitions",
@@ -400,6 +443,7 @@ async fn kafka_scenario(backend: Backend, strategy: Option<&str>) {
     .await;
     let share_b = acked(&b).await;
     println!("SIGTERM of b at {} rows stored", env.rows().await);
+    pace.mark("sigterm");
     sigterm(&mut b, "b").await;
     broker
         .produce(&topic, (first..n).map(|i| (gen.order_id(i), body(&gen, i))))
@@ -434,7 +478,7 @@ async fn kafka_scenario(backend: Backend, strategy: Option<&str>) {
         strategy.unwrap_or("eager"),
         backend.name()
     );
-    verify(&name, &env, &gen, n, &dead, &shares, started).await;
+    verify(&name, &env, &gen, n, &dead, &shares, pace).await;
     let _ = std::fs::remove_file(&config);
     env.cleanup().await;
 }

@@ -244,7 +244,7 @@ async fn check_config_prints_no_secret() {
         let mut bad = vars.clone();
         bad.push((key.to_string(), value));
         let (code, out) = conveyor(&["check-config"], &bad).await;
-        assert_eq!(code, Some(1), "{key}: {out}");
+        assert_eq!(code, Some(78), "EX_CONFIG for {key}: {out}");
         assert!(out.contains("invalid configuration"), "{key}: {out}");
         s.assert_absent(&format!("check-config refusing {key}"), &out);
     }

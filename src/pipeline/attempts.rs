@@ -15,20 +15,40 @@
 //!   crash in the middle of that work has already been counted. Only
 //!   flagged deliveries cost a write.
 //!
-//! A count is of *deliveries*, whatever ended them: messages that were
-//! merely in flight when the process died are counted too, so the limit
-//! should leave room for a few restarts that were not their fault. A
-//! counted message found already stored has its count dropped (see
-//! [`forget`]).
+//! A count on record is of deliveries that have not settled: a counted
+//! delivery that settles (stored, or found stored already) has its count
+//! dropped before it is acknowledged. So what a count says at start-up is
+//! how many processes died (or lost the message) while it was in flight.
+//!
+//! Innocent neighbours. A process that dies takes with it every message in
+//! flight, not only the one that killed it, and each of them is counted. So
+//! that they do not reach the limit with the culprit, a delivery on its last
+//! chance (`max_deliveries`, and at least the second) is worked on **alone**:
+//! the screen waits until nothing else is in flight, counts it, lets it
+//! through, and lets nothing else through until it has settled. An innocent
+//! one settles and its count goes; the culprit kills the process alone, and
+//! only its count goes past the limit. Its count is written only once it is
+//! let through, so the last chances queued behind it when it struck are not
+//! charged with its death.
+//!
+//! On quorum queues the broker counts, and counts every message the process
+//! held when it died, those queued behind a last chance included. So the
+//! store also keeps a record of each last chance let through alone, and a
+//! broker's count past the limit convicts only a message that has one: the
+//! others get a last chance of their own. (The broker's own
+//! `x-delivery-limit` stays the backstop: keep `rabbitmq.delivery_limit` a
+//! few above `source.max_deliveries`.)
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
 use super::Context;
 use crate::downstream::retry::FullJitter;
 use crate::outcome::{DeadLetterReason, Stage};
-use crate::source::{DeadLetter, Delivery, Position};
+use crate::source::{AckToken, DeadLetter, Delivery, Position};
 use crate::telemetry::{events, Health};
 
 /// The identity a delivery's count is kept under in the store.
@@ -54,16 +74,40 @@ fn uncounted_first(d: &Delivery) -> u32 {
     }
 }
 
-/// The key this delivery was counted under, if it was counted in the store.
-pub(super) fn counted_key(d: &Delivery) -> Option<String> {
-    (d.prior_deliveries.is_none() && d.redelivered).then(|| message_key(d))
+/// What the screen decided about one delivery, carried on its token until
+/// the delivery settles.
+#[derive(Debug, Default)]
+pub(crate) struct Screened {
+    /// The key its count is kept under, when the store counts it.
+    counted: Option<String>,
+    /// Its last chance: worked on with nothing else in flight.
+    alone: bool,
+    /// Which delivery this is, as far as anyone counted.
+    deliveries: u32,
+    /// Held until the delivery settles.
+    pass: Option<Pass>,
 }
 
-/// Drops the counts of counted deliveries found already stored. On Kafka a
-/// crash sends a partition back to its committed offset, so the messages
-/// that were finished after it come again, each counted: forgetting them
-/// once seen stored keeps them from running up a count they did not
-/// cause. Best effort.
+/// A place in the pipeline: shared with everything else in flight, or the
+/// whole of it.
+#[derive(Debug)]
+enum Pass {
+    Shared { _guard: OwnedRwLockReadGuard<()> },
+    Alone { _guard: OwnedRwLockWriteGuard<()> },
+}
+
+/// The gate every delivery goes through on its way from the screen to the
+/// stages (see the module doc).
+pub(super) type Gate = Arc<RwLock<()>>;
+
+/// The key a settled delivery's count is to be dropped under, if it has one.
+pub(super) fn settled(token: &mut AckToken) -> Option<String> {
+    token.screened.counted.take()
+}
+
+/// Drops the counts of counted deliveries that settled. Best effort: a count
+/// left behind costs that message one delivery of its budget if it comes
+/// again, and is pruned in time.
 pub(super) async fn forget(ctx: &Context, mut keys: Vec<String>) {
     if keys.is_empty() || ctx.config.source.max_deliveries == 0 {
         return;
@@ -71,8 +115,34 @@ pub(super) async fn forget(ctx: &Context, mut keys: Vec<String>) {
     keys.sort_unstable();
     keys.dedup();
     if let Err(e) = ctx.store.forget_deliveries(&keys).await {
-        tracing::debug!(error = %e, "cannot clear the delivery counts of stored orders");
+        tracing::debug!(error = %e, "cannot clear the delivery counts of settled orders");
     }
+}
+
+/// Lets a screened delivery through `gate` into the stages: most share it;
+/// a last chance waits until nothing else is in flight, is counted, and
+/// keeps the others out until it settles.
+pub(super) async fn admit(ctx: &Context, gate: &Gate, token: &mut AckToken) {
+    if ctx.config.source.max_deliveries == 0 {
+        return;
+    }
+    let screened = &mut token.screened;
+    if !screened.alone {
+        screened.pass = Some(Pass::Shared {
+            _guard: gate.clone().read_owned().await,
+        });
+        return;
+    }
+    let alone = gate.clone().write_owned().await;
+    tracing::warn!(
+        deliveries = screened.deliveries,
+        max_deliveries = ctx.config.source.max_deliveries,
+        "last delivery allowed: working on this message alone"
+    );
+    if let Some(key) = &screened.counted {
+        count(ctx, std::slice::from_ref(key)).await;
+    }
+    screened.pass = Some(Pass::Alone { _guard: alone });
 }
 
 /// Dead-letters the deliveries of `batch` that are over the limit and
@@ -84,35 +154,76 @@ pub(super) async fn screen(ctx: &Context, batch: Vec<Delivery>) -> Vec<Delivery>
     if max == 0 {
         return batch;
     }
+    // Who counts: the broker (quorum queues), the store (flagged
+    // redeliveries elsewhere), or nobody (a first delivery). The store also
+    // keeps a record of every last chance let through alone, whoever
+    // counts, so a broker's count past the limit convicts only a message
+    // that died alone.
     let mut keys: Vec<Option<String>> = Vec::with_capacity(batch.len());
     let mut wanted: Vec<String> = Vec::new();
     for d in &batch {
-        let key = counted_key(d);
-        if let Some(k) = &key {
+        let (key, look) = match d.prior_deliveries {
+            Some(prior) => {
+                let n = prior.saturating_add(1);
+                let last = n >= 2 && n >= max;
+                (last.then(|| message_key(d)), n > max)
+            }
+            None if d.redelivered => (Some(message_key(d)), true),
+            None => (None, false),
+        };
+        if let (Some(k), true) = (&key, look) {
             if !wanted.contains(k) {
                 wanted.push(k.clone());
             }
         }
         keys.push(key);
     }
-    let counts = if wanted.is_empty() {
+    let recorded = if wanted.is_empty() {
         HashMap::new()
     } else {
-        count(ctx, &wanted).await
+        ask(ctx, &wanted, Look::Recorded).await
+    };
+    let on_record = |k: &Option<String>| {
+        k.as_ref()
+            .and_then(|k| recorded.get(k))
+            .copied()
+            .unwrap_or(0)
     };
     let mut kept = Vec::with_capacity(batch.len());
     let mut over: Vec<String> = Vec::new();
-    for (d, key) in batch.into_iter().zip(keys) {
-        let deliveries = match (d.prior_deliveries, &key) {
-            (Some(prior), _) => prior.saturating_add(1),
-            (None, Some(k)) => counts
-                .get(k)
-                .copied()
-                .unwrap_or(0)
-                .saturating_add(uncounted_first(&d)),
-            (None, None) => 1,
+    let mut counting: Vec<String> = Vec::new();
+    for (mut d, key) in batch.into_iter().zip(keys) {
+        let (deliveries, guilty) = match (d.prior_deliveries, &key) {
+            // Past the limit by the broker's count, but never let through
+            // alone: it was queued behind another's last chance when the
+            // process died. It gets a last chance of its own.
+            (Some(prior), _) => {
+                let n = prior.saturating_add(1);
+                // (With a limit of one there is no last chance to give.)
+                (n, n > max && (max == 1 || on_record(&key) > 0))
+            }
+            (None, Some(_)) => {
+                let n = on_record(&key)
+                    .saturating_add(1)
+                    .saturating_add(uncounted_first(&d));
+                (n, n > max)
+            }
+            (None, None) => (1, false),
         };
-        if deliveries <= max {
+        if !guilty {
+            let alone = deliveries >= 2 && deliveries >= max;
+            let store_counts = d.prior_deliveries.is_none();
+            if let (Some(k), false, true) = (&key, alone, store_counts) {
+                if !counting.contains(k) {
+                    counting.push(k.clone());
+                }
+            }
+            d.token.screened = Screened {
+                counted: key,
+                alone,
+                deliveries,
+                pass: None,
+            };
             kept.push(d);
             continue;
         }
@@ -138,6 +249,9 @@ pub(super) async fn screen(ctx: &Context, batch: Vec<Delivery>) -> Vec<Delivery>
             extra_headers: vec![("x-conveyor-deliveries", deliveries.to_string())],
         });
     }
+    if !counting.is_empty() {
+        count(ctx, &counting).await;
+    }
     if !over.is_empty() {
         // A replay of the dead letter starts with a clean count. Best
         // effort: a count left behind only shortens that replay's budget.
@@ -148,12 +262,31 @@ pub(super) async fn screen(ctx: &Context, batch: Vec<Delivery>) -> Vec<Delivery>
     kept
 }
 
-/// One more delivery of each key on record, asking until the store answers.
-async fn count(ctx: &Context, keys: &[String]) -> HashMap<String, u32> {
+/// What to ask the store about delivery counts.
+#[derive(Clone, Copy)]
+enum Look {
+    /// The counts on record.
+    Recorded,
+    /// One more delivery of each, written before any work on them.
+    Count,
+}
+
+/// One more delivery of each key on record, before any work on them.
+async fn count(ctx: &Context, keys: &[String]) {
+    ask(ctx, keys, Look::Count).await;
+}
+
+/// Asks the store until it answers: a redelivered message is not worked on
+/// before its delivery is on record.
+async fn ask(ctx: &Context, keys: &[String], look: Look) -> HashMap<String, u32> {
     let cfg = &ctx.config.batch;
     let mut backoff = FullJitter::doubling(cfg.retry_initial_interval, cfg.retry_max_interval);
     loop {
-        match ctx.store.count_deliveries(keys).await {
+        let answer = match look {
+            Look::Recorded => ctx.store.recorded_deliveries(keys).await,
+            Look::Count => ctx.store.count_deliveries(keys).await,
+        };
+        match answer {
             Ok(found) => return found,
             Err(e) => {
                 Health::set(&ctx.health.database_ok, false);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, Mutex};
 use tokio::time::Instant;
 
-use super::{conflicting_duplicate, Context, Finished};
+use super::{attempts, conflicting_duplicate, Context, Finished};
 use crate::downstream::retry::FullJitter;
 use crate::outcome::{DeadLetterReason, Outcome, Stage};
 use crate::source::DeadLetter;
@@ -163,6 +163,10 @@ async fn write(ctx: &Context, batch: Vec<Finished>) {
         }
     }
     if !tokens.is_empty() {
+        // Stored: what counted their deliveries goes before the broker is
+        // told, so a count on record is always of a delivery unsettled.
+        let keys = tokens.iter_mut().filter_map(attempts::settled).collect();
+        attempts::forget(ctx, keys).await;
         ctx.done(tokens);
     }
 }
@@ -405,6 +409,7 @@ mod tests {
                 _permit: permits.clone().try_acquire_owned().expect("permit"),
                 _held: crate::source::Held::new(&ctx.metrics),
                 span: tracing::Span::none(),
+                screened: Default::default(),
             },
             raw: bytes::Bytes::new(),
             key: None,

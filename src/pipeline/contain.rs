@@ -190,6 +190,7 @@ mod tests {
                 _permit: permits.clone().acquire_owned().await.expect("permit"),
                 _held: Held::new(&metrics),
                 span: tracing::Span::none(),
+                screened: Default::default(),
             };
             let it = InFlight {
                 order: d.order,

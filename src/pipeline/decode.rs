@@ -11,7 +11,7 @@ use super::{attempts, conflicting_duplicate, Context, InFlight};
 use crate::downstream::retry::FullJitter;
 use crate::order::{self, Decoded};
 use crate::outcome::{DeadLetterReason, Outcome, Stage};
-use crate::source::{DeadLetter, Delivery};
+use crate::source::{AckToken, DeadLetter, Delivery};
 use crate::store::StoredDigests;
 use crate::telemetry::{events, traces, Health};
 
@@ -85,8 +85,10 @@ async fn screen_loop(
 ) {
     let linger = ctx.config.batch.max_wait / 4;
     let mut pending: Vec<(Delivery, Decoded)> = Vec::with_capacity(LOOKUP_BATCH);
-    // Counted redeliveries found already stored: done, so their counts go.
-    let mut settled_counted: Vec<String> = Vec::new();
+    let gate = attempts::Gate::default();
+    // Found already stored: done, their counts dropped first.
+    let mut settled: Vec<AckToken> = Vec::new();
+    let mut fresh = Vec::with_capacity(LOOKUP_BATCH);
     while decoded.recv_many(&mut pending, LOOKUP_BATCH).await > 0 {
         let until = tokio::time::Instant::now() + linger;
         while pending.len() < LOOKUP_BATCH {
@@ -121,8 +123,7 @@ async fn screen_loop(
                             suppressed, "order already stored; acknowledging");
                     });
                     ctx.metrics.outcome(Outcome::Duplicate);
-                    settled_counted.extend(attempts::counted_key(&d));
-                    ctx.done(vec![d.token]);
+                    settled.push(d.token);
                     continue;
                 }
                 Some(theirs) => {
@@ -140,6 +141,15 @@ async fn screen_loop(
                     continue;
                 }
             }
+            fresh.push((d, order, payload, digest));
+        }
+        if !settled.is_empty() {
+            let keys = settled.iter_mut().filter_map(attempts::settled).collect();
+            attempts::forget(&ctx, keys).await;
+            ctx.done(std::mem::take(&mut settled));
+        }
+        for (mut d, order, payload, digest) in fresh.drain(..) {
+            attempts::admit(&ctx, &gate, &mut d.token).await;
             let it = InFlight {
                 order,
                 payload,
@@ -158,7 +168,6 @@ async fn screen_loop(
                 return;
             }
         }
-        attempts::forget(&ctx, std::mem::take(&mut settled_counted)).await;
     }
 }
 

@@ -27,6 +27,7 @@ mod contain;
 mod decode;
 mod stage;
 
+pub(crate) use attempts::Screened;
 pub use contain::panic_is_contained;
 use contain::TokenSlot;
 use decode::decode_loop;

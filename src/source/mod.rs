@@ -74,6 +74,8 @@ pub struct AckToken {
     /// it ends when the last handle goes, which is this token's, once the
     /// broker has been told.
     pub(crate) span: tracing::Span,
+    /// What the crash-loop screen made of it (and its place in the stages).
+    pub(crate) screened: crate::pipeline::Screened,
 }
 
 /// Counts a delivery in `conveyor_unacked_messages` and the oldest-unacked

@@ -262,8 +262,20 @@ impl Store {
         }
     }
 
-    /// Drops the counts of these messages (dead-lettered: a replay starts
-    /// afresh).
+    /// How many deliveries of each message this store has on record,
+    /// without counting one more: keys with no record are absent.
+    pub async fn recorded_deliveries(
+        &self,
+        keys: &[String],
+    ) -> Result<HashMap<String, u32>, StoreError> {
+        match self {
+            Store::Postgres(s) => s.recorded_deliveries(keys).await,
+            Store::Sqlite(s) => s.recorded_deliveries(keys).await,
+        }
+    }
+
+    /// Drops the counts of these messages (settled, or dead-lettered: a
+    /// replay starts afresh).
     pub async fn forget_deliveries(&self, keys: &[String]) -> Result<(), StoreError> {
         match self {
             Store::Postgres(s) => s.forget_deliveries(keys).await,

@@ -196,6 +196,24 @@ impl PgStore {
             .collect())
     }
 
+    pub async fn recorded_deliveries(
+        &self,
+        keys: &[String],
+    ) -> Result<HashMap<String, u32>, StoreError> {
+        let rows: Vec<(String, i32)> = sqlx::query_as(
+            "SELECT message_key, deliveries FROM delivery_attempts \
+             WHERE message_key = ANY($1::text[])",
+        )
+        .bind(keys)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|(k, n)| (k, u32::try_from(n).unwrap_or(0)))
+            .collect())
+    }
+
     pub async fn forget_deliveries(&self, keys: &[String]) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM delivery_attempts WHERE message_key = ANY($1::text[])")
             .bind(keys)

@@ -179,6 +179,26 @@ impl SqliteStore {
             .collect())
     }
 
+    pub async fn recorded_deliveries(
+        &self,
+        keys: &[String],
+    ) -> Result<HashMap<String, u32>, StoreError> {
+        let keys = serde_json::to_string(keys)
+            .map_err(|e| StoreError::Row(sqlx::Error::Encode(Box::new(e))))?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT message_key, deliveries FROM delivery_attempts \
+             WHERE message_key IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(keys)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::classify_sqlite)?;
+        Ok(rows
+            .into_iter()
+            .map(|(k, n)| (k, u32::try_from(n).unwrap_or(0)))
+            .collect())
+    }
+
     pub async fn forget_deliveries(&self, keys: &[String]) -> Result<(), StoreError> {
         let keys = serde_json::to_string(keys)
             .map_err(|e| StoreError::Row(sqlx::Error::Encode(Box::new(e))))?;
@@ -296,6 +316,15 @@ mod tests {
         assert_eq!((first["a"], first["b"]), (1, 1));
         let second = store.count_deliveries(&keys(&["a"])).await.expect("count");
         assert_eq!(second["a"], 2);
+        let recorded = store
+            .recorded_deliveries(&keys(&["a", "b", "c"]))
+            .await
+            .expect("recorded");
+        assert_eq!(
+            recorded,
+            HashMap::from([("a".to_string(), 2), ("b".to_string(), 1)]),
+            "a look counts nothing and knows nothing of c"
+        );
         store
             .forget_deliveries(&keys(&["a"]))
             .await

@@ -132,6 +132,7 @@ pub(super) async fn intake(
                 _permit: permit,
                 _held: Held::new(&metrics),
                 span,
+                screened: Default::default(),
             },
         };
         drop(m);

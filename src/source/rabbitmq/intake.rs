@@ -212,6 +212,7 @@ async fn consume_session(
                 _permit: permit,
                 _held: Held::new(metrics),
                 span,
+                screened: Default::default(),
             },
             body: Bytes::from(d.data),
             key: None,
