@@ -14,6 +14,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::crash::{charge_requests, kill_while_hung, order, Neighbours};
 use common::{wait_for, Backend, Daemon, Env, KafkaBroker};
 use conveyor::tools::sim::Knobs;
 use nix::sys::signal::Signal;
@@ -21,19 +22,6 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-
-fn order(id: &str, customer: &str) -> Vec<u8> {
-    serde_json::json!({
-        "order_id": id,
-        "customer_id": customer,
-        "currency": "EUR",
-        "amount_cents": 1200,
-        "items": [{"sku": "A-1", "qty": 2, "unit_price_cents": 600}],
-        "created_at": "2026-11-22T10:00:00Z",
-    })
-    .to_string()
-    .into_bytes()
-}
 
 /// Every dead letter of partition 0 of `topic`: (reason header, key).
 fn dead_letters(brokers: &str, topic: &str) -> Vec<(String, String)> {
@@ -66,16 +54,6 @@ fn dead_letters(brokers: &str, topic: &str) -> Vec<(String, String)> {
     out
 }
 
-/// Where the other orders are when the daemon is killed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Neighbours {
-    /// Stored by the first run; seen again after each kill.
-    Stored,
-    /// Charged and waiting for their batch beside the hung one at the
-    /// first kill: killed with it.
-    InFlight,
-}
-
 on_both_brokers! {
 async fn a_message_that_keeps_killing_the_daemon_is_dead_lettered_on_kafka(backend: Backend) {
     crash_loop(backend, Neighbours::Stored).await;
@@ -89,11 +67,9 @@ async fn the_orders_killed_beside_it_are_not_dead_lettered_with_it(backend: Back
 }
 
 async fn crash_loop(backend: Backend, neighbours: Neighbours) {
-    let (good, name, batch_wait): (i64, _, _) = match neighbours {
-        Neighbours::Stored => (10, "crashkafka", "20ms"),
-        // A batch that waits two seconds: the neighbours are charged and
-        // still in flight when the hung charge is seen and the kill comes.
-        Neighbours::InFlight => (4, "crashnear", "2s"),
+    let (good, name): (i64, _) = match neighbours {
+        Neighbours::Stored => (10, "crashkafka"),
+        Neighbours::InFlight => (4, "crashnear"),
     };
     let max = 2u32;
     let env = Env::new(name, Knobs::default()).await;
@@ -123,42 +99,9 @@ async fn crash_loop(backend: Backend, neighbours: Neighbours) {
         ("CONVEYOR__KAFKA__TOPICS", topic.as_str()),
         ("CONVEYOR__KAFKA__COMMIT_INTERVAL", "200ms"),
         ("CONVEYOR__PAYMENT__TIMEOUT", "120s"),
-        ("CONVEYOR__BATCH__MAX_WAIT", batch_wait),
+        ("CONVEYOR__BATCH__MAX_WAIT", neighbours.batch_wait()),
     ];
-    let charge_requests = || {
-        env.sim
-            .ledger()
-            .charges
-            .iter()
-            .find(|c| c.order_id == hung_id)
-            .map_or(0, |c| c.requests)
-    };
-    let all_charged = || {
-        let ledger = env.sim.ledger();
-        ledger.charges.len() == 1 + good as usize
-    };
-    for delivery in 1..=max {
-        let mut daemon = Daemon::start(&env, &vars).await;
-        let stored = neighbours == Neighbours::Stored;
-        wait_for(
-            "the good orders where wanted and the hung charge requested",
-            Duration::from_secs(60),
-            || async {
-                let placed = if stored {
-                    env.rows().await == good
-                } else {
-                    delivery > 1 || all_charged()
-                };
-                placed && charge_requests() >= u64::from(delivery)
-            },
-        )
-        .await;
-        if !stored && delivery == 1 {
-            assert_eq!(env.rows().await, 0, "the neighbours were still in flight");
-        }
-        daemon.signal(Signal::SIGKILL);
-        daemon.wait(Duration::from_secs(10)).await;
-    }
+    kill_while_hung(&env, &vars, &hung_id, good, max, neighbours).await;
     let mut daemon = Daemon::start(&env, &vars).await;
     wait_for(
         "the partition committed to its end",
@@ -186,7 +129,7 @@ async fn crash_loop(backend: Backend, neighbours: Neighbours) {
     let ledger = env.sim.ledger();
     assert_eq!(ledger.double_charged_orders, 0);
     assert_eq!(
-        charge_requests(),
+        charge_requests(&env, &hung_id),
         u64::from(max),
         "charged once per delivery that got that far"
     );

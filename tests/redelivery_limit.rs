@@ -20,24 +20,12 @@ mod common;
 
 use std::time::Duration;
 
+use common::crash::{kill_while_hung, order, Neighbours};
 use common::{unacked, wait_for, Daemon, Env};
 use conveyor::config::{QueueType, RabbitConfig};
 use conveyor::tools::sim::Knobs;
 use lapin::options::{BasicGetOptions, BasicRejectOptions};
 use nix::sys::signal::Signal;
-
-fn order(id: &str, customer: &str) -> Vec<u8> {
-    serde_json::json!({
-        "order_id": id,
-        "customer_id": customer,
-        "currency": "EUR",
-        "amount_cents": 1200,
-        "items": [{"sku": "A-1", "qty": 2, "unit_price_cents": 600}],
-        "created_at": "2026-11-22T10:00:00Z",
-    })
-    .to_string()
-    .into_bytes()
-}
 
 fn rabbit(env: &Env, queue_type: QueueType) -> RabbitConfig {
     RabbitConfig {
@@ -129,25 +117,13 @@ async fn a_quorum_queue_is_declared_with_its_limit_and_the_broker_dead_letters_p
     env.cleanup().await;
 }
 
-/// Where the other orders are when the daemon is killed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Neighbours {
-    /// Stored by the first run.
-    Stored,
-    /// Charged and waiting for their batch beside the hung one at the
-    /// first kill: killed with it.
-    InFlight,
-}
-
 /// One hanging order among good ones; the daemon is killed while it waits
 /// on that order's charge, `max` times. The next start dead-letters it
 /// before any work, and only it.
 async fn crash_loop_is_contained(queue_type: QueueType, neighbours: Neighbours) {
-    let (good, max, batch_wait): (i64, u32, _) = match neighbours {
-        Neighbours::Stored => (30, 3, "20ms"),
-        // A batch that waits two seconds: the neighbours are charged and
-        // still in flight when the hung charge is seen and the kill comes.
-        Neighbours::InFlight => (4, 2, "2s"),
+    let (good, max): (i64, u32) = match neighbours {
+        Neighbours::Stored => (30, 3),
+        Neighbours::InFlight => (4, 2),
     };
     let stored = neighbours == Neighbours::Stored;
     let env = Env::new(
@@ -171,38 +147,9 @@ async fn crash_loop_is_contained(queue_type: QueueType, neighbours: Neighbours) 
         ("CONVEYOR__SOURCE__MAX_DELIVERIES", max_text.as_str()),
         // The hung charge outlives every run: only the kill ends it.
         ("CONVEYOR__PAYMENT__TIMEOUT", "120s"),
-        ("CONVEYOR__BATCH__MAX_WAIT", batch_wait),
+        ("CONVEYOR__BATCH__MAX_WAIT", neighbours.batch_wait()),
     ];
-    let charge_requests = || {
-        env.sim
-            .ledger()
-            .charges
-            .iter()
-            .find(|c| c.order_id == hung_id)
-            .map_or(0, |c| c.requests)
-    };
-    let all_charged = || env.sim.ledger().charges.len() == 1 + good as usize;
-    for delivery in 1..=max {
-        let mut daemon = Daemon::start(&env, &extra).await;
-        wait_for(
-            "the good orders where wanted and the hung charge requested",
-            Duration::from_secs(60),
-            || async {
-                let placed = if stored {
-                    env.rows().await == good
-                } else {
-                    delivery > 1 || all_charged()
-                };
-                placed && charge_requests() >= u64::from(delivery)
-            },
-        )
-        .await;
-        if !stored && delivery == 1 {
-            assert_eq!(env.rows().await, 0, "the neighbours were still in flight");
-        }
-        daemon.signal(Signal::SIGKILL);
-        daemon.wait(Duration::from_secs(10)).await;
-    }
+    kill_while_hung(&env, &extra, &hung_id, good, max, neighbours).await;
     let mut daemon = Daemon::start(&env, &extra).await;
     wait_for(
         "the crashing message in the dead-letter queue",

@@ -314,3 +314,11 @@ impl Store {
 pub fn is_sqlite_url(url: &str) -> bool {
     url.starts_with("sqlite:")
 }
+
+/// Delivery counts as read from a store, whatever integer type its driver
+/// returns (a count that does not fit is read as none).
+fn delivery_counts<N: TryInto<u32>>(rows: Vec<(String, N)>) -> HashMap<String, u32> {
+    rows.into_iter()
+        .map(|(k, n)| (k, n.try_into().unwrap_or(0)))
+        .collect()
+}

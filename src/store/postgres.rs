@@ -190,10 +190,7 @@ impl PgStore {
             .fetch_all(&self.pool)
             .await
             .map_err(StoreError::classify)?;
-        Ok(rows
-            .into_iter()
-            .map(|(k, n)| (k, u32::try_from(n).unwrap_or(0)))
-            .collect())
+        Ok(super::delivery_counts(rows))
     }
 
     pub async fn recorded_deliveries(
@@ -208,10 +205,7 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(StoreError::classify)?;
-        Ok(rows
-            .into_iter()
-            .map(|(k, n)| (k, u32::try_from(n).unwrap_or(0)))
-            .collect())
+        Ok(super::delivery_counts(rows))
     }
 
     pub async fn forget_deliveries(&self, keys: &[String]) -> Result<(), StoreError> {

@@ -173,10 +173,7 @@ impl SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(StoreError::classify_sqlite)?;
-        Ok(rows
-            .into_iter()
-            .map(|(k, n)| (k, u32::try_from(n).unwrap_or(0)))
-            .collect())
+        Ok(super::delivery_counts(rows))
     }
 
     pub async fn recorded_deliveries(
@@ -193,10 +190,7 @@ impl SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(StoreError::classify_sqlite)?;
-        Ok(rows
-            .into_iter()
-            .map(|(k, n)| (k, u32::try_from(n).unwrap_or(0)))
-            .collect())
+        Ok(super::delivery_counts(rows))
     }
 
     pub async fn forget_deliveries(&self, keys: &[String]) -> Result<(), StoreError> {

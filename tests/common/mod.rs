@@ -4,6 +4,7 @@
 //!   RabbitMQ queue, the simulator on a loopback port;
 //! * [`daemon`]: the daemon as a child process or in-process;
 //! * [`broker`]: what RabbitMQ's own CLI reports (unacknowledged counts);
+//! * [`crash`]: the crash loop of the redelivery-limit tests;
 //! * [`faults`]: fault injection for `tests/chaos.rs` (RabbitMQ stopped,
 //!   a database refusing connections, connections closed by the broker);
 //! * [`kafka`]: the Kafka broker of a test (mock cluster or tansu),
@@ -18,6 +19,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod broker;
+pub mod crash;
 pub mod daemon;
 pub mod env;
 pub mod faults;
