@@ -97,53 +97,21 @@
 //! The breaker is a plain state machine behind a mutex, timed with
 //! `tokio::time::Instant`, so its tests drive it with paused time.
 
+mod state;
 pub mod window;
 
 use std::sync::Mutex;
 use std::time::Duration;
 
-use prometheus::{IntCounter, IntGauge};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::CallError;
 use crate::config::BreakerConfig;
 use crate::telemetry::ReadinessCheck;
+pub use state::{BreakerMetrics, State};
 pub use window::Attempt;
 use window::Window;
-
-/// Where a circuit stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    Closed,
-    Open {
-        until: Instant,
-    },
-    HalfOpen {
-        admitted: u32,
-        succeeded: u32,
-        failed: u32,
-    },
-}
-
-impl State {
-    /// The value of `conveyor_circuit_state`.
-    pub fn gauge_value(&self) -> i64 {
-        match self {
-            State::Closed => 0,
-            State::HalfOpen { .. } => 1,
-            State::Open { .. } => 2,
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            State::Closed => "closed",
-            State::HalfOpen { .. } => "half-open",
-            State::Open { .. } => "open",
-        }
-    }
-}
 
 #[derive(Debug)]
 struct Inner {
@@ -167,26 +135,6 @@ pub struct CircuitBreaker {
     /// waiters re-check instead of polling.
     changed: watch::Sender<()>,
     metrics: BreakerMetrics,
-}
-
-/// The series one breaker keeps up to date.
-#[derive(Debug, Clone)]
-pub struct BreakerMetrics {
-    /// `conveyor_circuit_state{downstream}`.
-    pub state: IntGauge,
-    /// `conveyor_circuit_openings_total{downstream}`: closed → open only.
-    pub openings: IntCounter,
-}
-
-impl BreakerMetrics {
-    /// Unregistered series, for tests.
-    #[cfg(test)]
-    pub fn detached() -> Self {
-        Self {
-            state: IntGauge::new("circuit_state_test", "test").expect("gauge"),
-            openings: IntCounter::new("circuit_openings_test", "test").expect("counter"),
-        }
-    }
 }
 
 /// Leave to make one call. Report its outcome with [`Permit::record`]; a
