@@ -23,6 +23,7 @@ const FAMILIES: &[&str] = &[
     "conveyor_downstream_requests_total",
     "conveyor_downstream_retries_total",
     "conveyor_circuit_state",
+    "conveyor_circuit_openings_total",
     "conveyor_batch_orders",
     "conveyor_batch_commit_duration_seconds",
     "conveyor_batch_commit_retries_total",

@@ -107,31 +107,48 @@ impl fmt::Debug for DownstreamConfig {
     }
 }
 
-/// Circuit breaker of one downstream. It opens when, among the last `window`
-/// calls (at least `min_calls` of them), the share of transient failures
-/// (timeout, connect error, 5xx, 429) reaches `failure_rate`; a 4xx answer
-/// is the downstream working and counts as a success. While open, the stage
-/// takes no new orders and in-flight orders wait (intake pauses through the
-/// backpressure chain instead of dead-lettering the backlog). After
-/// `open_for` it turns half-open and lets `half_open_probes` calls through:
-/// all succeeding close it, one failing opens it again.
+/// Circuit breaker of one downstream, for outages rather than partial
+/// failures. It opens when some recent stretch of the last `window` — back
+/// to a bucket boundary, `window`/40 wide — holds at least `min_calls` calls
+/// and fails transiently (timeout, connect error, 5xx, 429) at
+/// `failure_rate` or more, an order's retries weighing a quarter of its
+/// first attempt; a 4xx answer is the downstream working and counts as a
+/// success. While open, the stage takes no new orders and in-flight orders
+/// wait (intake pauses through the backpressure chain instead of
+/// dead-lettering the backlog). After `open_for` it turns half-open and lets
+/// `half_open_probes` calls through: `half_open_successes` of them
+/// succeeding close it; once that many can no longer succeed, it opens
+/// again. The defaults keep a 50 % partial failure closed with a negligible
+/// chance of opening (the maths is in the breaker module's documentation).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BreakerConfig {
     /// Off: every call goes through and retries alone decide an order's fate.
     pub enabled: bool,
-    /// Share of failed calls in the window that opens the circuit, in (0, 1].
+    /// Share of failed calls in a judged stretch that opens the circuit, in
+    /// (0, 1].
     pub failure_rate: f64,
-    /// How many of the most recent calls the failure rate is computed over.
-    pub window: u32,
-    /// Fewer calls than this in the window never open the circuit, so a
-    /// couple of failures after a quiet spell do not stop the stage.
+    /// How far back the outcomes of calls are kept and judged, a time span
+    /// (`"10s"`). A count of calls, the form of older versions, is refused
+    /// with a message saying so.
+    #[serde(
+        deserialize_with = "deserialize_window",
+        serialize_with = "humantime_serde::serialize"
+    )]
+    pub window: Duration,
+    /// Calls (first attempts and retries alike) a stretch must hold before
+    /// its failure rate is judged, so that a handful of failures never
+    /// opens the circuit; the larger, the less likely a partial failure
+    /// opens it, and the longer an outage at low traffic takes to.
     pub min_calls: u32,
     /// How long the circuit stays open before it lets probes through.
     #[serde(with = "humantime_serde")]
     pub open_for: Duration,
-    /// Calls let through while half-open; all must succeed to close it.
+    /// Calls let through while half-open.
     pub half_open_probes: u32,
+    /// Probes that must succeed to close the circuit, in
+    /// 1..=`half_open_probes`.
+    pub half_open_successes: u32,
     /// `/readyz` turns false once the circuit has gone this long without
     /// closing (open and half-open alike): an outage that is not a blip.
     #[serde(with = "humantime_serde")]
@@ -142,13 +159,38 @@ impl Default for BreakerConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            failure_rate: 0.5,
-            window: 20,
-            min_calls: 10,
+            failure_rate: 0.9,
+            window: Duration::from_secs(10),
+            min_calls: 100,
             open_for: Duration::from_secs(5),
             half_open_probes: 3,
+            half_open_successes: 2,
             not_ready_after: Duration::from_secs(30),
         }
+    }
+}
+
+/// `breaker.window`: a time span. A bare number is the count window of
+/// older versions, refused with what replaces it (the config layer adds the
+/// key to the message).
+fn deserialize_window<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Count(u64),
+        Span(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Span(s) => humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "must be a time span such as \"10s\", got {s:?}: {e}"
+            ))
+        }),
+        Raw::Count(n) => Err(serde::de::Error::custom(format!(
+            "a count of calls ({n}) is no longer accepted: the window is now a time span \
+             such as \"10s\" (and breaker.min_calls the calls a stretch of it must hold \
+             to be judged)"
+        ))),
     }
 }
 

@@ -1,17 +1,93 @@
-//! Circuit breaker of one downstream: when it keeps failing, stop calling it
-//! for a while instead of spending every in-flight order's retry budget on
-//! it, and let the backpressure chain pause intake meanwhile.
+//! Circuit breaker of one downstream: when it has stopped answering, stop
+//! calling it for a while instead of spending every in-flight order's retry
+//! budget on it, and let the backpressure chain pause intake meanwhile. A
+//! downstream that fails only *in part* is left to retries and the
+//! concurrency limit: the breaker is for outages, and must not open on the
+//! chance fluctuations of a partial failure.
 //!
-//! * **Closed**: every call goes through. The outcomes of the last
-//!   `window` calls are kept; once at least `min_calls` are in the window and
-//!   the share of *transient* failures (timeout, connect error, 5xx, 429)
-//!   reaches `failure_rate`, the circuit opens. A permanent answer (4xx) is
-//!   the downstream working and counts as a success.
+//! * **Closed**: every call goes through. Outcomes are kept for the last
+//!   `window` of time, in 40 buckets ([`window`]). The circuit opens when
+//!   some recent stretch of it — the current bucket, or it and the one
+//!   before, and so on back to the whole window — holds at least
+//!   `min_calls` calls and its share of *transient* failures (timeout,
+//!   connect error, 5xx, 429) reaches `failure_rate`. A permanent answer
+//!   (4xx) is the downstream working and counts as a success.
 //! * **Open** for `open_for`: no call goes through. The stage takes no new
 //!   order and the orders already in it wait (see [`super::retry`]).
 //! * **Half-open**: `half_open_probes` calls go through, the others still
-//!   wait. All probes succeeding closes the circuit (with an empty window);
-//!   one failing opens it again for another `open_for`.
+//!   wait. `half_open_successes` of them succeeding closes the circuit (with
+//!   an empty window); as soon as that many can no longer succeed, it opens
+//!   again for another `open_for`.
+//!
+//! ## Why it judges this way
+//!
+//! **Time, not a count of calls.** Traffic varies; a window of the last N
+//! calls is seconds at night and milliseconds at peak. A time window with a
+//! minimum throughput (as resilience4j and Polly v8 do) judges more calls
+//! when there are more, and none when there are too few to say anything.
+//!
+//! **Recent stretches, not only the whole window.** An outage stalls the
+//! stage (its workers all retry, nothing new comes in), so failures arrive
+//! slower than the successes before them did: over the whole window the
+//! rate would reach `failure_rate` only once the healthy past aged out, a
+//! whole `window` later. Judging the newest stretch that has `min_calls`
+//! calls opens within one bucket (250 ms of the default 10 s) plus the time
+//! `min_calls` failures take: with the default stage concurrency (64
+//! workers) answered 503 at once, a fraction of a second; with every call
+//! timing out after 500 ms, the timeout plus under a second. The price is
+//! that each judgement tests up to 40 stretches, counted in the bound
+//! below. At low traffic a stretch needs more time to hold `min_calls`
+//! calls, and the circuit opens later (or, below `min_calls` calls per
+//! `window`, never): lower `min_calls` there, with the risk below.
+//!
+//! **First attempts weigh more than retries.** Each call weighs 1 if it is
+//! an order's first attempt (or its first after waiting for the circuit)
+//! and [`window::RETRY_WEIGHT`] (0.25) if it is a retry. Under independent
+//! failures both kinds fail at the same rate, so the weighting does not
+//! bias the estimate. It matters when some orders fail for themselves
+//! alone: each of them makes about 35 attempts before the default 30 s
+//! `max_elapsed`, so at full weight 3 % of orders failing that way would
+//! make half of all calls failures, and 20 % would reach 0.9; at 0.25 it
+//! takes about half of the orders. Retries still count, so a stage whose
+//! workers are all retrying (an outage, no first attempts left) is judged
+//! on what it sees now. `min_calls` counts calls of either kind.
+//!
+//! **The maths behind the defaults** (`failure_rate` 0.9, `min_calls` 100,
+//! `window` 10 s). With independent failures at rate p, the failed share of
+//! a stretch is a weighted binomial; its effective sample size (Σw)²/Σw² is
+//! at least 0.74 × its calls for p ≤ 0.5 (retries make up p/(1−p) of the
+//! calls), so a stretch of 100 calls weighs like ≥ 74 independent trials.
+//! The binomial tail P(X ≥ ⌈r·n⌉) for n trials at rate p:
+//!
+//! | p | failure_rate r | n = 74 | n = 100 | n = 150 | n = 250 |
+//! |---|---|---|---|---|---|
+//! | 0.3 | 0.5 | 2.4e-4 | 2.2e-5 | 2.3e-7 | 3.0e-11 |
+//! | 0.5 | 0.8 | 3.1e-8 | 5.6e-10 | 3.0e-14 | 9.9e-23 |
+//! | 0.5 | 0.9 | 1.1e-13 | 1.5e-17 | 1.3e-25 | 1.0e-41 |
+//! | 0.3 | 0.9 | 1.4e-27 | 4.5e-36 | 2.1e-53 | 5.2e-88 |
+//!
+//! The circuit is judged at every call, over windows that slide by one
+//! call; the chance that any of N windows of n calls crosses r is about
+//! N·(r − p)·tail (the scan statistic), which also covers the 40 nested
+//! stretches of a judgement. At 1,000 calls per second (N = 8.6·10⁷ a day)
+//! the default opens on a 50 % partial failure with a chance of about
+//! 4·10⁻⁶ a day (n = 74 row), and on a 30 % one never in practice.
+//! `failure_rate` 0.8 at the same `min_calls` would open about once a day
+//! on a 50 % failure. `failure_rate` 0.5 keeps a 30 % partial failure
+//! closed only with a larger `min_calls`: at 300 (n_eff ≈ 250) about once
+//! in five years at that traffic, at 200 (n_eff ≈ 166) about every other
+//! day. Hence 0.9: a real outage fails every call (rate 1), and a
+//! downstream still answering a tenth of its calls is served by retries
+//! (an order fails all of its ~35 attempts at 85 % with a chance of 0.3 %,
+//! and is then dead-lettered as `retries_exhausted`; enable the retry
+//! budget, or lower `failure_rate` with a larger `min_calls`, where that
+//! zone matters).
+//!
+//! **Half-open: a majority, not all.** With 3 probes of which 2 must
+//! succeed, a downstream that is back but still fails 30 % of calls closes
+//! the circuit with a chance of 0.78 per round (all of 3: 0.34), while one
+//! still down (every probe failing) never does: it is judged after 2
+//! failures, one probe's worth sooner than waiting for all three.
 //!
 //! Every outcome is tied to the phase its call was admitted in: a call that
 //! started while closed and finishes after the circuit opened (or closed
@@ -21,53 +97,29 @@
 //! The breaker is a plain state machine behind a mutex, timed with
 //! `tokio::time::Instant`, so its tests drive it with paused time.
 
-use std::collections::VecDeque;
+mod state;
+pub mod window;
+
 use std::sync::Mutex;
 use std::time::Duration;
 
-use prometheus::IntGauge;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::CallError;
 use crate::config::BreakerConfig;
 use crate::telemetry::ReadinessCheck;
-
-/// Where a circuit stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    Closed,
-    Open { until: Instant },
-    HalfOpen { admitted: u32, succeeded: u32 },
-}
-
-impl State {
-    /// The value of `conveyor_circuit_state`.
-    pub fn gauge_value(&self) -> i64 {
-        match self {
-            State::Closed => 0,
-            State::HalfOpen { .. } => 1,
-            State::Open { .. } => 2,
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            State::Closed => "closed",
-            State::HalfOpen { .. } => "half-open",
-            State::Open { .. } => "open",
-        }
-    }
-}
+pub use state::{BreakerMetrics, State};
+pub use window::Attempt;
+use window::Window;
 
 #[derive(Debug)]
 struct Inner {
     state: State,
     /// Bumped on every transition: a permit from an earlier phase does not vote.
     phase: u64,
-    /// Outcomes of the most recent calls while closed, `true` = failed.
-    window: VecDeque<bool>,
-    failures: usize,
+    /// Outcomes of the calls of the last `window` while closed.
+    window: Window,
     /// When the circuit last left `Closed`; `None` while closed. Readiness
     /// measures the outage from here, across open/half-open cycles.
     not_closed_since: Option<Instant>,
@@ -82,7 +134,7 @@ pub struct CircuitBreaker {
     /// Ticks on every transition and every released probe slot, so that
     /// waiters re-check instead of polling.
     changed: watch::Sender<()>,
-    gauge: IntGauge,
+    metrics: BreakerMetrics,
 }
 
 /// Leave to make one call. Report its outcome with [`Permit::record`]; a
@@ -97,11 +149,17 @@ pub struct Permit<'a> {
 }
 
 impl Permit<'_> {
-    /// Reports how the call went: only a transient failure is a failure.
-    pub fn record<T>(mut self, outcome: &Result<T, CallError>) {
+    /// Reports how an order's first attempt went: only a transient failure
+    /// is a failure.
+    pub fn record<T>(self, outcome: &Result<T, CallError>) {
+        self.record_as(Attempt::First, outcome);
+    }
+
+    /// Reports how the call went, as the attempt it was.
+    pub fn record_as<T>(mut self, attempt: Attempt, outcome: &Result<T, CallError>) {
         self.reported = true;
         let failed = matches!(outcome, Err(e) if e.is_transient());
-        self.breaker.record(self.phase, self.probe, failed);
+        self.breaker.record(self.phase, self.probe, attempt, failed);
     }
 }
 
@@ -114,21 +172,19 @@ impl Drop for Permit<'_> {
 }
 
 impl CircuitBreaker {
-    /// `gauge` is this downstream's `conveyor_circuit_state` series.
-    pub fn new(downstream: &'static str, cfg: &BreakerConfig, gauge: IntGauge) -> Self {
-        gauge.set(State::Closed.gauge_value());
+    pub fn new(downstream: &'static str, cfg: &BreakerConfig, metrics: BreakerMetrics) -> Self {
+        metrics.state.set(State::Closed.gauge_value());
         Self {
             downstream,
             cfg: cfg.clone(),
             inner: Mutex::new(Inner {
                 state: State::Closed,
                 phase: 0,
-                window: VecDeque::with_capacity(cfg.window as usize),
-                failures: 0,
+                window: Window::new(cfg.window),
                 not_closed_since: None,
             }),
             changed: watch::channel(()).0,
-            gauge,
+            metrics,
         }
     }
 
@@ -171,6 +227,7 @@ impl CircuitBreaker {
                     State::HalfOpen {
                         admitted: 1,
                         succeeded: 0,
+                        failed: 0,
                     },
                 );
                 let phase = inner.phase;
@@ -179,10 +236,12 @@ impl CircuitBreaker {
             State::HalfOpen {
                 admitted,
                 succeeded,
+                failed,
             } if admitted < self.cfg.half_open_probes => {
                 inner.state = State::HalfOpen {
                     admitted: admitted + 1,
                     succeeded,
+                    failed,
                 };
                 let phase = inner.phase;
                 Some(self.permit(phase, true))
@@ -264,7 +323,7 @@ impl CircuitBreaker {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn record(&self, phase: u64, probe: bool, failed: bool) {
+    fn record(&self, phase: u64, probe: bool, attempt: Attempt, failed: bool) {
         if !self.cfg.enabled {
             return;
         }
@@ -274,50 +333,62 @@ impl CircuitBreaker {
         }
         match inner.state {
             State::Closed => {
-                inner.window.push_back(failed);
-                inner.failures += usize::from(failed);
-                if inner.window.len() > self.cfg.window as usize {
-                    let oldest = inner.window.pop_front().unwrap_or(false);
-                    inner.failures -= usize::from(oldest);
-                }
-                let calls = inner.window.len();
-                let rate = inner.failures as f64 / calls as f64;
-                if calls >= self.cfg.min_calls as usize && rate >= self.cfg.failure_rate {
+                inner.window.record(attempt, failed);
+                if let Some(v) = inner
+                    .window
+                    .judge(self.cfg.min_calls, self.cfg.failure_rate)
+                {
                     tracing::warn!(
                         downstream = self.downstream,
-                        calls,
-                        failures = inner.failures,
-                        failure_rate = rate,
+                        calls = v.calls,
+                        failure_rate = v.failure_rate,
+                        over = ?v.over,
                         open_for = ?self.cfg.open_for,
                         "circuit opens: the downstream keeps failing"
                     );
+                    self.metrics.openings.inc();
                     self.open(&mut inner);
                 }
             }
             State::HalfOpen {
                 admitted,
                 succeeded,
+                failed: probes_failed,
             } if probe => {
-                if failed {
-                    tracing::warn!(
-                        downstream = self.downstream,
-                        open_for = ?self.cfg.open_for,
-                        "circuit reopens: a probe failed"
-                    );
-                    self.open(&mut inner);
-                } else if succeeded + 1 >= self.cfg.half_open_probes {
+                let (succeeded, probes_failed) = if failed {
+                    (succeeded, probes_failed + 1)
+                } else {
+                    (succeeded + 1, probes_failed)
+                };
+                // Validated to be in 1..=probes; clamped all the same, so
+                // that a hand-built config cannot leave the circuit stuck.
+                let needed = self
+                    .cfg
+                    .half_open_successes
+                    .clamp(1, self.cfg.half_open_probes.max(1));
+                if succeeded >= needed {
                     tracing::info!(
                         downstream = self.downstream,
                         outage = ?inner.not_closed_since.map(|t| t.elapsed()),
-                        "circuit closes: every probe succeeded"
+                        probes_succeeded = succeeded,
+                        probes_failed,
+                        "circuit closes: enough probes succeeded"
                     );
                     inner.window.clear();
-                    inner.failures = 0;
                     self.transition(&mut inner, State::Closed);
+                } else if probes_failed > self.cfg.half_open_probes.saturating_sub(needed) {
+                    tracing::warn!(
+                        downstream = self.downstream,
+                        probes_failed,
+                        open_for = ?self.cfg.open_for,
+                        "circuit reopens: too many probes failed"
+                    );
+                    self.open(&mut inner);
                 } else {
                     inner.state = State::HalfOpen {
                         admitted,
-                        succeeded: succeeded + 1,
+                        succeeded,
+                        failed: probes_failed,
                     };
                 }
             }
@@ -336,11 +407,13 @@ impl CircuitBreaker {
         if let State::HalfOpen {
             admitted,
             succeeded,
+            failed,
         } = inner.state
         {
             inner.state = State::HalfOpen {
                 admitted: admitted.saturating_sub(1),
                 succeeded,
+                failed,
             };
             drop(inner);
             self.changed.send_replace(());
@@ -363,7 +436,7 @@ impl CircuitBreaker {
                 inner.not_closed_since.get_or_insert_with(Instant::now);
             }
         }
-        self.gauge.set(to.gauge_value());
+        self.metrics.state.set(to.gauge_value());
         tracing::info!(
             downstream = self.downstream,
             from = from.name(),

@@ -9,6 +9,7 @@ use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use serde::Deserialize;
 use tracing::Instrument as _;
 
+use super::breaker::BreakerMetrics;
 use super::concurrency::{ConcurrencyLimit, ConcurrencyMetrics, Feedback};
 use super::throttle::{Throttle, ThrottleMetrics};
 use super::{retry, traceparent_header, CallError, CircuitBreaker, RetryError};
@@ -89,7 +90,10 @@ impl Endpoint {
         let breaker = CircuitBreaker::new(
             name,
             &cfg.breaker,
-            metrics.circuit_state.with_label_values(&[name]),
+            BreakerMetrics {
+                state: metrics.circuit_state.with_label_values(&[name]),
+                openings: metrics.circuit_openings.with_label_values(&[name]),
+            },
         );
         Ok(Self {
             name,

@@ -30,7 +30,7 @@ use backoff::ExponentialBackoff;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-use super::breaker::CircuitBreaker;
+use super::breaker::{Attempt, CircuitBreaker};
 use super::throttle::Throttle;
 use super::CallError;
 use crate::config::RetryConfig;
@@ -144,13 +144,17 @@ where
                 p
             }
         };
-        if fresh {
+        // What the breaker weighs: a first attempt fully, a retry less.
+        let attempt = if fresh {
             throttle.first_attempt();
             fresh = false;
-        }
+            Attempt::First
+        } else {
+            Attempt::Retry
+        };
         attempts += 1;
         let res = op().await;
-        permit.record(&res);
+        permit.record_as(attempt, &res);
         let err = match res {
             Ok(v) => return Ok(v),
             Err(e) if !e.is_transient() => return Err(RetryError::Permanent(e)),
@@ -197,8 +201,11 @@ mod tests {
     }
 
     fn breaker(cfg: BreakerConfig) -> CircuitBreaker {
-        let gauge = prometheus::IntGauge::new("circuit_state_test", "test").expect("gauge");
-        CircuitBreaker::new("payment", &cfg, gauge)
+        CircuitBreaker::new(
+            "payment",
+            &cfg,
+            super::super::breaker::BreakerMetrics::detached(),
+        )
     }
 
     fn unthrottled() -> Throttle {
@@ -353,6 +360,7 @@ mod tests {
             min_calls: 3,
             open_for: Duration::from_secs(2),
             half_open_probes: 1,
+            half_open_successes: 1,
             ..BreakerConfig::default()
         });
         let start = Instant::now();
@@ -389,10 +397,10 @@ mod tests {
         // succeeds, because waiting started its budget over. (Only leaving
         // the wait out of the budget would have given up: 1 s + 0.7 s.)
         let b = Arc::new(breaker(BreakerConfig {
-            window: 100,
             min_calls: 100,
             open_for: Duration::from_millis(100),
             half_open_probes: 1,
+            half_open_successes: 1,
             ..BreakerConfig::default()
         }));
         let t0 = Instant::now();
@@ -443,7 +451,6 @@ mod tests {
     async fn failures_while_the_circuit_stays_closed_still_exhaust() {
         // Too few calls to open the circuit: plain backoff until max_elapsed.
         let b = breaker(BreakerConfig {
-            window: 50,
             min_calls: 50,
             ..BreakerConfig::default()
         });

@@ -73,6 +73,8 @@ pub struct Metrics {
     pub broker_errors: IntCounterVec,
     pub rabbitmq_queue: IntGaugeVec,
     pub circuit_state: IntGaugeVec,
+    /// Times a downstream's circuit opened from closed (one per outage).
+    pub circuit_openings: IntCounterVec,
     pub oldest_unacked_age: Gauge,
     /// When each held delivery arrived, for `oldest_unacked_age`.
     pub held_since: HeldClock,
@@ -271,6 +273,13 @@ impl Metrics {
                 ),
                 &["downstream"],
             )?,
+            circuit_openings: IntCounterVec::new(
+                Opts::new(
+                    "circuit_openings_total",
+                    "Times a downstream's circuit opened from closed; reopenings after failed probes are not counted.",
+                ),
+                &["downstream"],
+            )?,
             oldest_unacked_age: Gauge::new(
                 "oldest_unacked_age_seconds",
                 "Age of the oldest message held and not yet acknowledged (0 when none).",
@@ -378,6 +387,7 @@ impl Metrics {
         m.registry.register(Box::new(m.broker_errors.clone()))?;
         m.registry.register(Box::new(m.rabbitmq_queue.clone()))?;
         m.registry.register(Box::new(m.circuit_state.clone()))?;
+        m.registry.register(Box::new(m.circuit_openings.clone()))?;
         m.registry
             .register(Box::new(m.oldest_unacked_age.clone()))?;
         m.registry.register(Box::new(m.drain.gauge()))?;
@@ -395,6 +405,7 @@ impl Metrics {
         // only after its first event breaks rate() and alerts.
         for downstream in ["rule_engine", "payment"] {
             m.circuit_state.with_label_values(&[downstream]).set(0);
+            m.circuit_openings.with_label_values(&[downstream]);
             m.downstream_retries.with_label_values(&[downstream]);
             m.downstream_throttled_seconds
                 .with_label_values(&[downstream]);

@@ -71,23 +71,26 @@ fn breaker_errors_name_the_key_and_the_range() {
         None,
         Some(env(&[
             ("CONVEYOR__PAYMENT__BREAKER__FAILURE_RATE", "0"),
-            ("CONVEYOR__PAYMENT__BREAKER__WINDOW", "0"),
+            ("CONVEYOR__PAYMENT__BREAKER__WINDOW", "10ms"),
+            ("CONVEYOR__PAYMENT__BREAKER__MIN_CALLS", "0"),
             ("CONVEYOR__PAYMENT__BREAKER__HALF_OPEN_PROBES", "0"),
             ("CONVEYOR__PAYMENT__BREAKER__OPEN_FOR", "0s"),
             ("CONVEYOR__RULE_ENGINE__BREAKER__FAILURE_RATE", "1.5"),
-            ("CONVEYOR__RULE_ENGINE__BREAKER__WINDOW", "5"),
+            ("CONVEYOR__RULE_ENGINE__BREAKER__HALF_OPEN_PROBES", "1"),
         ])),
     )
     .expect_err("invalid");
     let text = err.to_string();
     for want in [
         "payment.breaker.failure_rate: must be in (0, 1] (above 0, at most 1), got 0",
-        "payment.breaker.window: must be in 1..=10000, got 0",
+        "payment.breaker.window: must be in 100ms..=1h, got 10ms",
+        "payment.breaker.min_calls: must be in 1..=1000000, got 0",
         "payment.breaker.half_open_probes: must be in 1..=1000, got 0",
         "payment.breaker.open_for: must be in 1ms..=1h, got 0s",
         "rule_engine.breaker.failure_rate: must be in (0, 1] (above 0, at most 1), got 1.5",
-        // The default min_calls (10) cannot exceed a window of 5.
-        "rule_engine.breaker.min_calls: must be in 1..=5 (at most breaker.window), got 10",
+        // The default half_open_successes (2) cannot exceed one probe.
+        "rule_engine.breaker.half_open_successes: must be in 1..=1 \
+         (at most breaker.half_open_probes), got 2",
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
@@ -95,11 +98,55 @@ fn breaker_errors_name_the_key_and_the_range() {
         None,
         Some(env(&[
             ("CONVEYOR__PAYMENT__BREAKER__FAILURE_RATE", "1"),
-            ("CONVEYOR__PAYMENT__BREAKER__WINDOW", "1"),
+            ("CONVEYOR__PAYMENT__BREAKER__WINDOW", "100ms"),
             ("CONVEYOR__PAYMENT__BREAKER__MIN_CALLS", "1"),
+            ("CONVEYOR__PAYMENT__BREAKER__HALF_OPEN_PROBES", "1"),
+            ("CONVEYOR__PAYMENT__BREAKER__HALF_OPEN_SUCCESSES", "1"),
         ])),
     );
     assert!(ok.is_ok(), "{:?}", ok.err());
+}
+
+#[test]
+fn the_old_count_window_is_refused_naming_the_key_and_its_replacement() {
+    for source in ["env", "file"] {
+        let err = match source {
+            "env" => Config::load_with_env(
+                None,
+                Some(env(&[("CONVEYOR__PAYMENT__BREAKER__WINDOW", "20")])),
+            ),
+            _ => {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let path = dir.path().join("conveyor.toml");
+                std::fs::write(&path, "[rule_engine.breaker]\nwindow = 20\n").expect("write");
+                Config::load_with_env(Some(&path), Some(env(&[])))
+            }
+        }
+        .expect_err("a count window");
+        let text = err.to_string();
+        let key = if source == "env" {
+            "payment.breaker.window"
+        } else {
+            "rule_engine.breaker.window"
+        };
+        for want in [
+            "a count of calls (20) is no longer accepted",
+            "a time span such as \"10s\"",
+            "breaker.min_calls",
+            key,
+        ] {
+            assert!(text.contains(want), "{source}: missing {want:?} in: {text}");
+        }
+    }
+    let err = Config::load_with_env(
+        None,
+        Some(env(&[(
+            "CONVEYOR__PAYMENT__BREAKER__WINDOW",
+            "ten seconds",
+        )])),
+    )
+    .expect_err("not a span");
+    assert!(err.to_string().contains("payment.breaker.window"), "{err}");
 }
 
 #[test]

@@ -272,17 +272,17 @@ impl Config {
                 ),
             );
             check(
-                (1..=10_000).contains(&b.window),
+                (Duration::from_millis(100)..=HOUR).contains(&b.window),
                 &format!("{name}.breaker.window"),
-                format!("must be in 1..=10000, got {}", b.window),
+                format!(
+                    "must be in 100ms..=1h, got {}",
+                    humantime::format_duration(b.window)
+                ),
             );
             check(
-                (1..=b.window.max(1)).contains(&b.min_calls),
+                (1..=1_000_000).contains(&b.min_calls),
                 &format!("{name}.breaker.min_calls"),
-                format!(
-                    "must be in 1..={} (at most breaker.window), got {}",
-                    b.window, b.min_calls
-                ),
+                format!("must be in 1..=1000000, got {}", b.min_calls),
             );
             check_duration(
                 &mut check,
@@ -294,6 +294,14 @@ impl Config {
                 (1..=1_000).contains(&b.half_open_probes),
                 &format!("{name}.breaker.half_open_probes"),
                 format!("must be in 1..=1000, got {}", b.half_open_probes),
+            );
+            check(
+                (1..=b.half_open_probes.max(1)).contains(&b.half_open_successes),
+                &format!("{name}.breaker.half_open_successes"),
+                format!(
+                    "must be in 1..={} (at most breaker.half_open_probes), got {}",
+                    b.half_open_probes, b.half_open_successes
+                ),
             );
             check_duration(
                 &mut check,
