@@ -1,7 +1,9 @@
 //! Failure semantics end to end: a payment outage opens the circuit and
 //! pauses intake (nothing dead-lettered, prefetch respected, every order
-//! stored and charged once after recovery); a message's W3C `traceparent`
-//! reaches both downstreams. Real RabbitMQ, PostgreSQL and simulator.
+//! stored and charged once after recovery), at a busy stage's traffic and
+//! at a trickle of orders too few for the breaker's `min_calls`; a
+//! message's W3C `traceparent` reaches both downstreams. Real RabbitMQ,
+//! PostgreSQL and simulator.
 
 mod common;
 
@@ -234,6 +236,64 @@ async fn a_payment_outage_pauses_intake_and_dead_letters_nothing() {
             + by_status.get("declined").copied().unwrap_or(0),
         "one charge per charged order"
     );
+    env.cleanup().await;
+}
+
+/// Eight orders into a payment outage: their calls, retries included, never
+/// reach `min_calls` (100) in a window before `retry.max_elapsed` (10 s
+/// here) would dead-letter them, so only the low-traffic rule — 30 failures
+/// in a row — can open the circuit; it must, and the orders wait for the
+/// provider instead of going to the dead-letter queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickle_of_orders_into_an_outage_opens_the_circuit_too() {
+    const N: u64 = 8;
+    let broken = Knobs {
+        charge: EndpointKnobs {
+            error_rate: 1.0,
+            ..Default::default()
+        },
+        ..Knobs::default()
+    };
+    let env = Env::new("breakertrickle", broken).await;
+    let gen = OrderGen::new(
+        env.name.clone(),
+        Mix {
+            poison_pct: 0.0,
+            reject_pct: 0.0,
+            decline_pct: 0.0,
+        },
+    );
+    env.publish((0..N).map(|i| gen.message(i).1)).await;
+    let mut config = env.config();
+    config.payment.retry.max_elapsed = Duration::from_secs(10);
+    let daemon = InProcess::start(config).await;
+    wait_for(
+        "the payment circuit to open",
+        Duration::from_secs(10),
+        || async { daemon.metric(PAYMENT_CIRCUIT).await == 2.0 },
+    )
+    .await;
+    let calls = daemon
+        .metric(
+            "conveyor_downstream_requests_total{downstream=\"payment\",result=\"server_error\"}",
+        )
+        .await;
+    assert!(
+        calls < 100.0,
+        "opened on the low-traffic rule: {calls} calls"
+    );
+    // Past the retry budget the orders would be dead letters by now.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(daemon.metric("conveyor_dead_letters_total").await, 0.0);
+    env.sim.set_knobs(Knobs::default());
+    wait_for("every order stored", Duration::from_secs(60), || async {
+        env.rows().await == N as i64
+    })
+    .await;
+    let report = daemon.stop().await;
+    assert_eq!(report.dead_lettered, 0, "{report:?}");
+    assert!(env.drain_dlq().await.is_empty());
+    assert_eq!(env.check_ledger().await, N as usize, "one charge per order");
     env.cleanup().await;
 }
 

@@ -37,8 +37,10 @@
 //! timing out after 500 ms, the timeout plus under a second. The price is
 //! that each judgement tests up to 40 stretches, counted in the bound
 //! below. At low traffic a stretch needs more time to hold `min_calls`
-//! calls, and the circuit opens later (or, below `min_calls` calls per
-//! `window`, never): lower `min_calls` there, with the risk below.
+//! calls, and the circuit opens later; while the whole window holds fewer
+//! than `min_calls`, a stretch of [`window::QUIET_OUTAGE_CALLS`] (30) calls
+//! that all failed opens it, so an outage at a few orders a second pauses
+//! intake too (30 failures in a row by chance: see that constant).
 //!
 //! **First attempts weigh more than retries.** Each call weighs 1 if it is
 //! an order's first attempt (or its first after waiting for the circuit)

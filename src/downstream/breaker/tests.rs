@@ -178,11 +178,44 @@ async fn random_partial_failures_do_not_open_it_with_the_defaults() {
         assert!(b.is_closed(), "{p}: opened after {made} calls");
         assert_eq!(b.metrics.openings.get(), 0);
     }
-    // And the same at 100 % still opens, within its first min_calls calls.
+    // And the same at 100 % still opens: from a fresh window, which holds
+    // fewer than min_calls calls, after 30 in a row.
     let b = breaker(defaults.clone());
     let mut rng = StdRng::seed_from_u64(5);
     let made = random_calls(&b, &mut rng, 100_000, 1.0, Duration::from_millis(1)).await;
-    assert_eq!(made, defaults.min_calls);
+    assert_eq!(made, window::QUIET_OUTAGE_CALLS);
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_low_traffic_thirty_failures_in_a_row_open_it() {
+    let defaults = BreakerConfig::default();
+    // Five calls a second: never `min_calls` (100) in a 10 s window.
+    let every = Duration::from_millis(200);
+    let b = breaker(defaults.clone());
+    for _ in 0..5 {
+        call(&b, Ok(()));
+        tokio::time::advance(every).await;
+    }
+    for _ in 0..window::QUIET_OUTAGE_CALLS - 1 {
+        retry(&b, unavailable());
+        tokio::time::advance(every).await;
+    }
+    assert!(b.is_closed(), "29 failures in a row");
+    retry(&b, unavailable());
+    assert!(is_open(&b), "30 in a row at five calls a second");
+    // A partial failure at that traffic does not, whatever its share short
+    // of all: 100,000 calls (five and a half hours) at 50 % and at 80 %.
+    for (seed, p) in [(6, 0.5), (7, 0.8)] {
+        let b = breaker(defaults.clone());
+        let mut rng = StdRng::seed_from_u64(seed);
+        let made = random_calls(&b, &mut rng, 100_000, p, every).await;
+        if p < 0.6 {
+            assert!(b.is_closed(), "{p}: opened after {made} calls");
+        } else {
+            // 0.8³⁰ ≈ 1.2·10⁻³ per call: it does open, eventually.
+            assert!(made > 30, "{p}: opened after {made} calls");
+        }
+    }
 }
 
 #[tokio::test(start_paused = true)]

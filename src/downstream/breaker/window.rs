@@ -19,6 +19,15 @@ pub const BUCKETS: usize = 40;
 /// (an outage: no new first attempts) is still judged on what it sees now.
 pub const RETRY_WEIGHT: f64 = 0.25;
 
+/// At low traffic (fewer than `min_calls` calls in the whole window, so no
+/// stretch can be judged on its rate), a stretch of this many calls that
+/// *all* failed opens the circuit: an outage at a few orders a second must
+/// pause intake too. By chance that takes 30 failures in a row: 0.5³⁰ ≈
+/// 10⁻⁹ per judgement at a 50 % partial failure, which at under
+/// `min_calls` calls per window (10 a second by default) is about once in
+/// three years; at 30 %, never in practice.
+pub const QUIET_OUTAGE_CALLS: u32 = 30;
+
 /// Which attempt of an order a call was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attempt {
@@ -116,12 +125,18 @@ impl Window {
     }
 
     /// The newest stretch of the window, back to a bucket boundary, that
-    /// holds at least `min_calls` calls and fails at `failure_rate` or more;
-    /// `None` if no stretch does.
+    /// holds at least `min_calls` calls and fails at `failure_rate` or more
+    /// — or, while the whole window holds fewer than `min_calls`, at least
+    /// [`QUIET_OUTAGE_CALLS`] calls that all failed; `None` if no stretch
+    /// does.
     pub fn judge(&self, min_calls: u32, failure_rate: f64) -> Option<Verdict> {
+        let quiet = self.calls() < min_calls;
+        let quiet_calls = QUIET_OUTAGE_CALLS.min(min_calls);
         self.suffixes()
             .find(|&(calls, weight, failed, _)| {
-                calls >= min_calls && weight > 0.0 && failed >= failure_rate * weight
+                weight > 0.0
+                    && ((calls >= min_calls && failed >= failure_rate * weight)
+                        || (quiet && calls >= quiet_calls && failed >= weight))
             })
             .map(|(calls, weight, failed, buckets)| Verdict {
                 calls,
