@@ -12,6 +12,7 @@ pub mod notify;
 pub mod order;
 pub mod outcome;
 pub mod pipeline;
+pub mod resizable;
 pub mod shutdown;
 pub mod source;
 pub mod store;

@@ -74,9 +74,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::resizable::{Permit, Resizable};
 use prometheus::{Histogram, IntGauge};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// Weight of the newest window in the RTT history.
@@ -293,10 +293,7 @@ impl Controller {
 
 /// A downstream's concurrency limit: the stage's worker pool.
 pub struct ConcurrencyLimit {
-    slots: Arc<Semaphore>,
-    /// Permits still to forget as they come back, after a cut.
-    debt: Arc<AtomicUsize>,
-    limit: AtomicUsize,
+    slots: Resizable,
     in_flight: Arc<AtomicUsize>,
     controller: Option<Mutex<Controller>>,
     metrics: ConcurrencyMetrics,
@@ -304,8 +301,7 @@ pub struct ConcurrencyLimit {
 
 /// A slot in the pool, held for as long as one order is worked on.
 pub struct Slot {
-    permit: Option<OwnedSemaphorePermit>,
-    debt: Arc<AtomicUsize>,
+    _permit: Permit,
     in_flight: Arc<AtomicUsize>,
     busy: bool,
     gauge: IntGauge,
@@ -335,13 +331,6 @@ impl Drop for Slot {
             let now = self.in_flight.fetch_sub(1, Ordering::AcqRel) - 1;
             self.gauge.set(now as i64);
         }
-        let owed = self
-            .debt
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1))
-            .is_ok();
-        if let (true, Some(p)) = (owed, self.permit.take()) {
-            p.forget();
-        }
     }
 }
 
@@ -362,9 +351,7 @@ impl ConcurrencyLimit {
         metrics.limit.set(limit as i64);
         metrics.in_flight.set(0);
         Self {
-            slots: Arc::new(Semaphore::new(limit)),
-            debt: Arc::new(AtomicUsize::new(0)),
-            limit: AtomicUsize::new(limit),
+            slots: Resizable::new(limit),
             in_flight: Arc::new(AtomicUsize::new(0)),
             controller,
             metrics,
@@ -373,7 +360,7 @@ impl ConcurrencyLimit {
 
     /// The current limit.
     pub fn limit(&self) -> usize {
-        self.limit.load(Ordering::Acquire)
+        self.slots.limit()
     }
 
     /// Orders being worked on.
@@ -383,10 +370,8 @@ impl ConcurrencyLimit {
 
     /// Waits for a free slot.
     pub async fn acquire(&self) -> Option<Slot> {
-        let permit = self.slots.clone().acquire_owned().await.ok()?;
         Some(Slot {
-            permit: Some(permit),
-            debt: self.debt.clone(),
+            _permit: self.slots.acquire().await?,
             in_flight: self.in_flight.clone(),
             busy: false,
             gauge: self.metrics.in_flight.clone(),
@@ -416,30 +401,7 @@ impl ConcurrencyLimit {
     }
 
     fn resize(&self, new: usize) {
-        let old = self.limit.swap(new, Ordering::AcqRel);
-        if new > old {
-            let mut grow = new - old;
-            // Cancel what is still owed before adding permits.
-            while grow > 0 {
-                let owed = self.debt.load(Ordering::Acquire);
-                if owed == 0 {
-                    break;
-                }
-                let take = owed.min(grow);
-                if self
-                    .debt
-                    .compare_exchange(owed, owed - take, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    grow -= take;
-                }
-            }
-            self.slots.add_permits(grow);
-        } else {
-            let cut = old - new;
-            let forgotten = self.slots.forget_permits(cut);
-            self.debt.fetch_add(cut - forgotten, Ordering::AcqRel);
-        }
+        let old = self.slots.resize(new);
         self.metrics.limit.set(new as i64);
         tracing::debug!(from = old, to = new, "concurrency limit moved");
     }

@@ -30,15 +30,15 @@
 //! what stops `recv()`, and librdkafka's fetch queue stays capped by
 //! `kafka.fetch_queue_kbytes`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::IntGauge;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::downstream::concurrency::ConcurrencyLimit;
+use crate::resizable::Resizable;
 use crate::telemetry::Metrics;
 
 /// Orders waiting at the hand-offs between stages (decode → validate →
@@ -64,54 +64,21 @@ const RATE_ALPHA: f64 = 0.5;
 
 /// The prefetch limit of one daemon: the permits intake takes.
 pub struct Prefetch {
-    permits: Arc<Semaphore>,
-    /// Permits still to forget as they come back, after a cut.
-    debt: Arc<AtomicUsize>,
-    limit: AtomicUsize,
+    permits: Resizable,
     gauge: IntGauge,
     /// The current limit, for the broker side (RabbitMQ's `basic.qos`).
     current: watch::Sender<u32>,
 }
 
 /// One delivery's share of the prefetch limit.
-#[derive(Debug)]
-pub struct PrefetchPermit {
-    permit: Option<OwnedSemaphorePermit>,
-    debt: Option<Arc<AtomicUsize>>,
-}
-
-impl From<OwnedSemaphorePermit> for PrefetchPermit {
-    /// A permit of a plain semaphore, never part of a cut (tests).
-    fn from(permit: OwnedSemaphorePermit) -> Self {
-        Self {
-            permit: Some(permit),
-            debt: None,
-        }
-    }
-}
-
-impl Drop for PrefetchPermit {
-    fn drop(&mut self) {
-        let Some(debt) = &self.debt else {
-            return;
-        };
-        let owed = debt
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1))
-            .is_ok();
-        if let (true, Some(p)) = (owed, self.permit.take()) {
-            p.forget();
-        }
-    }
-}
+pub type PrefetchPermit = crate::resizable::Permit;
 
 impl Prefetch {
     pub fn new(limit: usize, gauge: IntGauge) -> Self {
         let limit = limit.max(1);
         gauge.set(limit as i64);
         Self {
-            permits: Arc::new(Semaphore::new(limit)),
-            debt: Arc::new(AtomicUsize::new(0)),
-            limit: AtomicUsize::new(limit),
+            permits: Resizable::new(limit),
             gauge,
             current: watch::channel(u32::try_from(limit).unwrap_or(u32::MAX)).0,
         }
@@ -119,7 +86,7 @@ impl Prefetch {
 
     /// The current limit.
     pub fn limit(&self) -> usize {
-        self.limit.load(Ordering::Acquire)
+        self.permits.limit()
     }
 
     /// Follows the current limit (RabbitMQ re-issues `basic.qos` on it).
@@ -129,40 +96,14 @@ impl Prefetch {
 
     /// Waits for a permit; `None` once the permits are closed.
     pub async fn acquire(&self) -> Option<PrefetchPermit> {
-        let permit = self.permits.clone().acquire_owned().await.ok()?;
-        Some(PrefetchPermit {
-            permit: Some(permit),
-            debt: Some(self.debt.clone()),
-        })
+        self.permits.acquire().await
     }
 
     /// Moves the limit to `new` (at least 1).
     pub fn resize(&self, new: usize) {
         let new = new.max(1);
-        let old = self.limit.swap(new, Ordering::AcqRel);
-        if new > old {
-            let mut grow = new - old;
-            // What is still owed is cancelled before permits are added.
-            while grow > 0 {
-                let owed = self.debt.load(Ordering::Acquire);
-                if owed == 0 {
-                    break;
-                }
-                let take = owed.min(grow);
-                if self
-                    .debt
-                    .compare_exchange(owed, owed - take, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    grow -= take;
-                }
-            }
-            self.permits.add_permits(grow);
-        } else if new < old {
-            let cut = old - new;
-            let forgotten = self.permits.forget_permits(cut);
-            self.debt.fetch_add(cut - forgotten, Ordering::AcqRel);
-        } else {
+        let old = self.permits.resize(new);
+        if new == old {
             return;
         }
         self.gauge.set(new as i64);
@@ -173,7 +114,7 @@ impl Prefetch {
 
     /// Permits free right now (tests).
     pub fn available(&self) -> usize {
-        self.permits.available_permits()
+        self.permits.available()
     }
 }
 

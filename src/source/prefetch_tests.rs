@@ -1,4 +1,5 @@
 use prometheus::Histogram;
+use tokio::sync::Semaphore;
 
 use super::*;
 use crate::downstream::concurrency::{ConcurrencyConfig, ConcurrencyMetrics};

@@ -19,10 +19,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::resizable::{Permit, Resizable};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Capacity and rate of one endpoint. Part of the `/knobs` document beside
 /// [`super::EndpointKnobs`] (`{"charge": {"capacity": 12, …}}`).
@@ -77,13 +77,9 @@ pub(super) enum Refusal {
 /// One endpoint's limits and their state.
 pub(super) struct EndpointLoad {
     limits: Mutex<EndpointLimits>,
-    /// `capacity` permits, resized as the knob moves.
-    slots: Arc<Semaphore>,
-    /// Permits the semaphore owes back since a shrink found them in use:
-    /// released permits are forgotten until the debt is paid.
-    debt: Arc<AtomicU32>,
-    /// The permit count the semaphore is meant to have.
-    issued: Mutex<u32>,
+    /// `capacity` permits, resized as the knob moves (a shrink waits for
+    /// the requests in service).
+    slots: Resizable,
     rate: Mutex<Option<(u32, Arc<DefaultDirectRateLimiter>)>>,
     queued: AtomicU32,
     in_service: Arc<AtomicU32>,
@@ -96,23 +92,13 @@ pub(super) struct EndpointLoad {
 
 /// A request in service; leaving service frees its slot.
 pub(super) struct InService {
-    permit: Option<OwnedSemaphorePermit>,
-    debt: Arc<AtomicU32>,
+    _permit: Permit,
     in_service: Arc<AtomicU32>,
 }
 
 impl Drop for InService {
     fn drop(&mut self) {
         self.in_service.fetch_sub(1, Ordering::Relaxed);
-        let paid = self
-            .debt
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1))
-            .is_ok();
-        if let Some(p) = self.permit.take() {
-            if paid {
-                p.forget();
-            }
-        }
     }
 }
 
@@ -120,9 +106,7 @@ impl EndpointLoad {
     pub(super) fn new(limits: EndpointLimits) -> Self {
         let load = Self {
             limits: Mutex::new(EndpointLimits::default()),
-            slots: Arc::new(Semaphore::new(0)),
-            debt: Arc::new(AtomicU32::new(0)),
-            issued: Mutex::new(0),
+            slots: Resizable::new(0),
             rate: Mutex::new(None),
             queued: AtomicU32::new(0),
             in_service: Arc::new(AtomicU32::new(0)),
@@ -144,11 +128,11 @@ impl EndpointLoad {
         if let Ok(mut l) = self.limits.lock() {
             *l = limits;
         }
-        self.resize(if limits.capacity == 0 {
+        self.slots.resize(if limits.capacity == 0 {
             UNBOUNDED
         } else {
             limits.capacity
-        });
+        } as usize);
         if let Ok(mut rate) = self.rate.lock() {
             let current = rate.as_ref().map(|(r, _)| *r);
             if current != Some(limits.rate_limit) {
@@ -156,36 +140,6 @@ impl EndpointLoad {
                     .map(|r| (r.get(), Arc::new(RateLimiter::direct(Quota::per_second(r)))));
             }
         }
-    }
-
-    fn resize(&self, capacity: u32) {
-        let Ok(mut issued) = self.issued.lock() else {
-            return;
-        };
-        if capacity > *issued {
-            let mut grow = capacity - *issued;
-            // Cancel what is still owed before adding permits.
-            while grow > 0 {
-                let owed = self.debt.load(Ordering::Acquire);
-                if owed == 0 {
-                    break;
-                }
-                let take = owed.min(grow);
-                if self
-                    .debt
-                    .compare_exchange(owed, owed - take, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    grow -= take;
-                }
-            }
-            self.slots.add_permits(grow as usize);
-        } else {
-            let shrink = *issued - capacity;
-            let forgotten = self.slots.forget_permits(shrink as usize) as u32;
-            self.debt.fetch_add(shrink - forgotten, Ordering::AcqRel);
-        }
-        *issued = capacity;
     }
 
     /// Admits an arrival into service, waiting in the queue if every slot
@@ -200,9 +154,9 @@ impl EndpointLoad {
                 ));
             }
         }
-        let permit = match self.slots.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
+        let permit = match self.slots.try_acquire() {
+            Some(p) => p,
+            None => {
                 let limit = self.limits().queue_limit;
                 let queued = self.queued.fetch_add(1, Ordering::AcqRel) + 1;
                 if limit > 0 && queued > limit {
@@ -211,18 +165,17 @@ impl EndpointLoad {
                     return Err(Refusal::Overloaded);
                 }
                 self.peak_queued.fetch_max(queued, Ordering::Relaxed);
-                let acquired = self.slots.clone().acquire_owned().await;
+                let acquired = self.slots.acquire().await;
                 self.queued.fetch_sub(1, Ordering::AcqRel);
                 // The semaphore is never closed.
-                acquired.map_err(|_| Refusal::Overloaded)?
+                acquired.ok_or(Refusal::Overloaded)?
             }
         };
         let now = self.in_service.fetch_add(1, Ordering::AcqRel) + 1;
         self.peak_in_service.fetch_max(now, Ordering::Relaxed);
         self.served.fetch_add(1, Ordering::Relaxed);
         Ok(InService {
-            permit: Some(permit),
-            debt: self.debt.clone(),
+            _permit: permit,
             in_service: self.in_service.clone(),
         })
     }
