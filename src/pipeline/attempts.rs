@@ -46,10 +46,9 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
 use super::Context;
-use crate::downstream::retry::FullJitter;
 use crate::outcome::{DeadLetterReason, Stage};
 use crate::source::{AckToken, DeadLetter, Delivery, Position};
-use crate::telemetry::{events, Health};
+use crate::telemetry::events;
 
 /// The identity a delivery's count is kept under in the store.
 fn message_key(d: &Delivery) -> String {
@@ -181,7 +180,7 @@ pub(super) async fn screen(ctx: &Context, batch: Vec<Delivery>) -> Vec<Delivery>
     let recorded = if wanted.is_empty() {
         HashMap::new()
     } else {
-        ask(ctx, &wanted, Look::Recorded).await
+        recorded(ctx, &wanted).await
     };
     let on_record = |k: &Option<String>| {
         k.as_ref()
@@ -262,39 +261,23 @@ pub(super) async fn screen(ctx: &Context, batch: Vec<Delivery>) -> Vec<Delivery>
     kept
 }
 
-/// What to ask the store about delivery counts.
-#[derive(Clone, Copy)]
-enum Look {
-    /// The counts on record.
-    Recorded,
-    /// One more delivery of each, written before any work on them.
-    Count,
+/// The counts on record of `keys`, asking until the store answers.
+async fn recorded(ctx: &Context, keys: &[String]) -> HashMap<String, u32> {
+    ctx.ask_store(
+        "cannot read delivery counts; retrying before any work",
+        keys.len(),
+        || ctx.store.recorded_deliveries(keys),
+    )
+    .await
 }
 
-/// One more delivery of each key on record, before any work on them.
+/// One more delivery of each of `keys` on record, before any work on them:
+/// asks until the store answers.
 async fn count(ctx: &Context, keys: &[String]) {
-    ask(ctx, keys, Look::Count).await;
-}
-
-/// Asks the store until it answers: a redelivered message is not worked on
-/// before its delivery is on record.
-async fn ask(ctx: &Context, keys: &[String], look: Look) -> HashMap<String, u32> {
-    let cfg = &ctx.config.batch;
-    let mut backoff = FullJitter::doubling(cfg.retry_initial_interval, cfg.retry_max_interval);
-    loop {
-        let answer = match look {
-            Look::Recorded => ctx.store.recorded_deliveries(keys).await,
-            Look::Count => ctx.store.count_deliveries(keys).await,
-        };
-        match answer {
-            Ok(found) => return found,
-            Err(e) => {
-                Health::set(&ctx.health.database_ok, false);
-                let wait = backoff.next_wait();
-                tracing::warn!(error = %e, messages = keys.len(), retry_in = ?wait,
-                    "cannot count redeliveries; retrying before any work");
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
+    ctx.ask_store(
+        "cannot count redeliveries; retrying before any work",
+        keys.len(),
+        || ctx.store.count_deliveries(keys),
+    )
+    .await;
 }

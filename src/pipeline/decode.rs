@@ -8,12 +8,11 @@ use tokio::sync::mpsc;
 
 use super::contain::TokenSlot;
 use super::{attempts, conflicting_duplicate, Context, InFlight};
-use crate::downstream::retry::FullJitter;
 use crate::order::{self, Decoded};
 use crate::outcome::{DeadLetterReason, Outcome, Stage};
 use crate::source::{AckToken, DeadLetter, Delivery};
 use crate::store::StoredDigests;
-use crate::telemetry::{events, traces, Health};
+use crate::telemetry::{events, traces};
 
 /// Most deliveries decoded in one go.
 const DECODE_BATCH: usize = 128;
@@ -176,18 +175,10 @@ async fn screen_loop(
 /// database is unreachable intake waits (readiness false) rather than
 /// moving money it may not be able to record.
 async fn lookup(ctx: &Context, ids: &[String]) -> StoredDigests {
-    let cfg = &ctx.config.batch;
-    let mut backoff = FullJitter::doubling(cfg.retry_initial_interval, cfg.retry_max_interval);
-    loop {
-        match ctx.store.stored(ids).await {
-            Ok(found) => return found,
-            Err(e) => {
-                Health::set(&ctx.health.database_ok, false);
-                let wait = backoff.next_wait();
-                tracing::warn!(error = %e, orders = ids.len(), retry_in = ?wait,
-                    "cannot look up stored orders; retrying before any charge");
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
+    ctx.ask_store(
+        "cannot look up stored orders; retrying before any charge",
+        ids.len(),
+        || ctx.store.stored(ids),
+    )
+    .await
 }

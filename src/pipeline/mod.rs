@@ -167,6 +167,34 @@ impl InFlight {
 }
 
 impl Context {
+    /// Asks the store until it answers, readiness false and a jittered
+    /// back-off between tries: for what must not go on before the store has
+    /// answered (no charge before the order is known not to be stored, no
+    /// work on a redelivery before it is counted). `failed` is the warning
+    /// each refusal logs, `items` how many orders or messages wait on it.
+    pub(crate) async fn ask_store<T, F, Fut>(&self, failed: &str, items: usize, mut ask: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, crate::store::StoreError>>,
+    {
+        let cfg = &self.config.batch;
+        let mut backoff = crate::downstream::retry::FullJitter::doubling(
+            cfg.retry_initial_interval,
+            cfg.retry_max_interval,
+        );
+        loop {
+            match ask().await {
+                Ok(answer) => return answer,
+                Err(e) => {
+                    Health::set(&self.health.database_ok, false);
+                    let wait = backoff.next_wait();
+                    tracing::warn!(error = %e, items, retry_in = ?wait, "{failed}");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
     pub(crate) fn dead_letter(&self, dl: DeadLetter) {
         if self
             .settle
