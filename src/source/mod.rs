@@ -85,14 +85,25 @@ pub struct AckToken {
 pub(crate) struct Held {
     metrics: Arc<Metrics>,
     id: u64,
+    /// Ties a RabbitMQ delivery to the consumer it came from, while that
+    /// consumer may be swapped (`rabbitmq::swap` waits for all of them).
+    _consumer: Option<tokio_util::task::task_tracker::TaskTrackerToken>,
 }
 
 impl Held {
     pub(crate) fn new(metrics: &Arc<Metrics>) -> Self {
+        Self::of_consumer(metrics, None)
+    }
+
+    pub(crate) fn of_consumer(
+        metrics: &Arc<Metrics>,
+        consumer: Option<tokio_util::task::task_tracker::TaskTrackerToken>,
+    ) -> Self {
         metrics.unacked.inc();
         Self {
             id: metrics.held_since.start(),
             metrics: metrics.clone(),
+            _consumer: consumer,
         }
     }
 }

@@ -58,6 +58,9 @@ pub struct Metrics {
     /// The prefetch limit now: `source.prefetch`, or where it follows the
     /// stages to (`[source.prefetch_follow]`).
     pub prefetch_limit: IntGauge,
+    /// Consumers replaced to move a quorum queue's per-consumer prefetch
+    /// (`source::rabbitmq::swap`).
+    pub prefetch_swaps: IntCounter,
     pub end_to_end: Histogram,
     pub ready: IntGauge,
     pub kafka_lag: IntGaugeVec,
@@ -250,6 +253,11 @@ impl Metrics {
                 "The most unacknowledged messages held at once now (source.prefetch, or \
                  where it follows the stages to).",
             )?,
+            prefetch_swaps: IntCounter::new(
+                "prefetch_consumer_swaps_total",
+                "RabbitMQ consumers replaced to move a quorum queue's per-consumer prefetch \
+                 to the followed limit.",
+            )?,
             end_to_end: Histogram::with_opts(
                 HistogramOpts::new(
                     "end_to_end_latency_seconds",
@@ -374,6 +382,7 @@ impl Metrics {
             .register(Box::new(m.batch_commit_retries.clone()))?;
         m.registry.register(Box::new(m.unacked.clone()))?;
         m.registry.register(Box::new(m.prefetch_limit.clone()))?;
+        m.registry.register(Box::new(m.prefetch_swaps.clone()))?;
         m.registry.register(Box::new(m.end_to_end.clone()))?;
         m.registry.register(Box::new(m.ready.clone()))?;
         m.registry.register(Box::new(m.kafka_lag.clone()))?;

@@ -404,11 +404,16 @@ fn prefetch_follow_keys_are_checked_with_their_names() {
         "{err}"
     );
 
+    // Quorum queues follow by swapping the consumer (`rabbitmq::swap`);
+    // the floor is checked for them as for classic ones.
     let mut c = Config::default();
     c.source.prefetch_follow.enabled = true;
     c.rabbitmq.queue_type = QueueType::Quorum;
-    let err = c.validate().expect_err("quorum queues").to_string();
-    assert!(err.contains("source.prefetch_follow.enabled"), "{err}");
-    c.source.prefetch_follow.enabled = false;
-    c.validate().expect("off, a quorum queue is fine");
+    c.validate().expect("following on a quorum queue");
+    c.source.prefetch_follow.floor = c.source.prefetch + 1;
+    let err = c
+        .validate()
+        .expect_err("a floor above the ceiling")
+        .to_string();
+    assert!(err.contains("source.prefetch_follow.floor"), "{err}");
 }

@@ -122,15 +122,6 @@ impl Config {
                     self.source.prefetch, follow.floor
                 ),
             );
-            check(
-                self.source.kind != SourceKind::Rabbitmq
-                    || self.rabbitmq.queue_type != QueueType::Quorum,
-                "source.prefetch_follow.enabled",
-                "needs a classic queue on RabbitMQ: the prefetch is changed at run time \
-                 with a per-channel basic.qos, which quorum queues do not support \
-                 (rabbitmq.queue_type = \"quorum\")"
-                    .into(),
-            );
         }
         if self.rabbitmq.queue_type == QueueType::Quorum {
             check(

@@ -8,14 +8,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures::StreamExt;
-use lapin::options::BasicCancelOptions;
-use lapin::types::{AMQPValue, ShortString};
+use lapin::types::AMQPValue;
 use lapin::Consumer;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::session::{Link, Session};
+use super::swap::{Feed, Next};
 use super::{RabbitError, TIMESTAMP_HEADER};
 use crate::config::{QueueType, RabbitConfig};
 use crate::source::prefetch::Prefetch;
@@ -54,7 +53,7 @@ enum Ended {
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn intake(
     link: &Link,
-    mut consumer: Consumer,
+    consumer: Consumer,
     sessions: &watch::Sender<Arc<Session>>,
     queue: Arc<str>,
     permits: Arc<Prefetch>,
@@ -62,11 +61,21 @@ pub(super) async fn intake(
     stop: CancellationToken,
     health: &Health,
 ) -> Result<(), RabbitError> {
+    let feed_of = |consumer: Consumer, session: &Session| {
+        // Quorum queues follow the limit by swapping the consumer; classic
+        // ones by the per-channel basic.qos (`follow_qos`).
+        let follow = link
+            .follow
+            .clone()
+            .filter(|_| link.cfg.queue_type == QueueType::Quorum);
+        Feed::new(consumer, follow.map(|rx| (rx, session.consumer_prefetch)))
+    };
+    let mut feed = feed_of(consumer, &sessions.borrow());
     loop {
         let session = sessions.borrow().clone();
         let ended = consume_session(
             &session,
-            &mut consumer,
+            &mut feed,
             &link.cfg,
             &queue,
             &permits,
@@ -88,7 +97,7 @@ pub(super) async fn intake(
                 let Some((fresh, c)) = link.reopen(next, &stop).await else {
                     break;
                 };
-                consumer = c;
+                feed = feed_of(c, &fresh);
                 sessions.send_replace(Arc::new(fresh));
                 Health::set(&health.broker_connected, true);
                 tracing::info!(
@@ -103,15 +112,7 @@ pub(super) async fn intake(
     // not take stays unacknowledged and is requeued when the channel closes.
     let session = sessions.borrow().clone();
     if !session.lost.is_cancelled() {
-        if let Ok(tag) = ShortString::try_new(link.cfg.consumer_tag.as_str()) {
-            if let Err(e) = session
-                .consume
-                .basic_cancel(tag, BasicCancelOptions::default())
-                .await
-            {
-                tracing::debug!(error = %e, "cancelling the consumer");
-            }
-        }
+        feed.cancel(&session).await;
     }
     tracing::info!("intake stopped");
     Ok(())
@@ -121,7 +122,7 @@ pub(super) async fn intake(
 #[allow(clippy::too_many_arguments)]
 async fn consume_session(
     session: &Session,
-    consumer: &mut Consumer,
+    feed: &mut Feed,
     cfg: &RabbitConfig,
     queue: &Arc<str>,
     permits: &Prefetch,
@@ -147,17 +148,11 @@ async fn consume_session(
             biased;
             _ = stop.cancelled() => return Ended::Stopped,
             _ = session.lost.cancelled() => return lost(),
-            n = consumer.next() => n,
+            n = feed.next(session, cfg, metrics) => n,
         };
-        let d = match next {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => return Ended::Lost(format!("consumer error: {e}")),
-            None => {
-                return Ended::Lost(format!(
-                    "the broker cancelled the consumer of queue {}",
-                    cfg.queue
-                ))
-            }
+        let (d, consumer) = match next {
+            Next::Delivery(d, consumer) => (*d, consumer),
+            Next::Failed(why) => return Ended::Lost(why),
         };
         metrics.received.inc();
         let timestamp_ms = d
@@ -211,7 +206,7 @@ async fn consume_session(
                     delivery_tag: d.delivery_tag,
                 },
                 _permit: permit,
-                _held: Held::new(metrics),
+                _held: Held::of_consumer(metrics, consumer),
                 span,
                 screened: Default::default(),
             },

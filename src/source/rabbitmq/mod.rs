@@ -29,6 +29,7 @@ mod dead_letter;
 mod intake;
 mod session;
 mod settle;
+pub mod swap;
 
 use std::sync::Arc;
 
@@ -335,8 +336,11 @@ impl RabbitSource {
     /// lost later is re-established by [`RabbitSource::run`].
     ///
     /// `follow` is the following prefetch limit, when
-    /// `source.prefetch_follow` is on: set as a per-channel `basic.qos` on
-    /// each session and re-issued whenever it moves.
+    /// `source.prefetch_follow` is on. On a classic queue it is set as a
+    /// per-channel `basic.qos` on each session and re-issued whenever it
+    /// moves; on a quorum queue it is the consumer's own prefetch, and the
+    /// consumer is swapped for one with the new count when it moves enough
+    /// (see [`swap`]).
     pub async fn connect(
         cfg: &RabbitConfig,
         prefetch: u32,
@@ -403,7 +407,8 @@ impl RabbitSource {
         let settle = settle::settle(settlements, sessions.clone(), &link.cfg, &link.metrics);
         let work = async { tokio::join!(intake, settle) };
         let qos = async {
-            if let Some(follow) = link.follow.clone() {
+            let classic = link.cfg.queue_type == QueueType::Classic;
+            if let Some(follow) = link.follow.clone().filter(|_| classic) {
                 follow_qos(follow, sessions.clone()).await;
             }
         };

@@ -16,8 +16,9 @@
 //! per-channel `basic.qos` re-issued whenever it moves (see
 //! [`follow_qos`](super::follow_qos)); the broker enforces the lower of the
 //! two. Quorum queues do not support the per-channel limit (and RabbitMQ 4
-//! deprecates it), which is why the configuration refuses
-//! `source.prefetch_follow` with `rabbitmq.queue_type = "quorum"`.
+//! deprecates it): there the per-consumer count is the followed limit
+//! itself, and the consumer is swapped for a new one when it moves (see
+//! [`swap`](super::swap)).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::{broker, declare_topology, short, RabbitError};
-use crate::config::RabbitConfig;
+use crate::config::{QueueType, RabbitConfig};
 use crate::telemetry::{Destination, Metrics};
 
 /// Reconnect backoff: the ceiling of the wait doubles from
@@ -87,6 +88,9 @@ pub(super) struct Session {
     /// Stamped on every token this session hands out; settlement acks a
     /// token only on the session of the same generation.
     pub(super) generation: u64,
+    /// The per-consumer `basic.qos` the session's first consumer started
+    /// with.
+    pub(super) consumer_prefetch: u16,
     pub(super) connection: Connection,
     pub(super) consume: Channel,
     pub(super) publish: Channel,
@@ -159,11 +163,23 @@ impl Link {
         if cfg.declare {
             declare_topology(&consume, cfg).await?;
         }
+        // A quorum queue follows the limit with the per-consumer count
+        // itself (see `swap`); a classic queue with a per-channel one.
+        let consumer_prefetch = match &self.follow {
+            Some(follow) if cfg.queue_type == QueueType::Quorum => {
+                channel_prefetch(*follow.borrow())
+            }
+            _ => self.prefetch,
+        };
         consume
-            .basic_qos(self.prefetch, BasicQosOptions::default())
+            .basic_qos(consumer_prefetch, BasicQosOptions::default())
             .await
             .map_err(broker("setting basic.qos"))?;
-        if let Some(follow) = &self.follow {
+        if let Some(follow) = self
+            .follow
+            .as_ref()
+            .filter(|_| cfg.queue_type == QueueType::Classic)
+        {
             let count = channel_prefetch(*follow.borrow());
             consume
                 .basic_qos(count, BasicQosOptions { global: true })
@@ -194,6 +210,7 @@ impl Link {
         ))));
         let session = Session {
             generation,
+            consumer_prefetch,
             connection,
             consume,
             publish,
