@@ -8,7 +8,9 @@
 //! following prefetch B would take `source.prefetch` (512) messages and sit
 //! on them while A goes idle. With it, RabbitMQ itself reports that B's
 //! channel holds no more than its stage limits plus the batch term at its
-//! rate plus the slack, and has that as its per-channel `basic.qos`.
+//! rate plus the slack, and has that as its `basic.qos`: per channel on a
+//! classic queue, the consumer's own on a quorum queue (whose consumer is
+//! swapped when the limit moves; the channel has none while it is).
 //!
 //! B runs alone first (every unacknowledged message of the queue is then
 //! B's), then A joins and the backlog is finished. At the end every order
@@ -26,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use common::broker::rabbitmqctl;
 use common::{metric, unacked, wait_for, Backend, Daemon, Env, InProcess, KafkaBroker};
-use conveyor::config::SourceKind;
+use conveyor::config::{QueueType, RabbitConfig, SourceKind};
 use conveyor::source::prefetch::{HEADROOM, SLACK};
 use conveyor::tools::produce::{Mix, OrderGen};
 use conveyor::tools::sim::{self, EndpointKnobs, Knobs};
@@ -66,41 +68,85 @@ fn limit() -> Duration {
     Duration::from_secs(60)
 }
 
-/// `(unacknowledged, per-channel prefetch)` of the channel consuming
-/// `queue` under `tag`, as RabbitMQ reports them.
-async fn channel_of(queue: &str, tag: &str) -> Option<(u64, u64)> {
-    let consumers = rabbitmqctl(&[
-        "list_consumers",
-        "-q",
-        "--no-table-headers",
-        "queue_name",
-        "channel_pid",
-        "consumer_tag",
-    ])
-    .await
-    .expect("rabbitmqctl list_consumers");
-    let pid = consumers.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.len() == 3 && f[0] == queue && f[2] == tag).then(|| f[1].to_string())
-    })?;
-    let channels = rabbitmqctl(&[
-        "list_channels",
-        "-q",
-        "--no-table-headers",
-        "pid",
-        "messages_unacknowledged",
-        "global_prefetch_count",
-    ])
-    .await
-    .expect("rabbitmqctl list_channels");
-    channels.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.len() == 3 && f[0] == pid).then(|| Some((f[1].parse().ok()?, f[2].parse().ok()?)))?
-    })
+/// One daemon's consume channel as RabbitMQ reports it. The channel is
+/// found through its consumer (`tag`, or `tag.N` after a swap) and then
+/// remembered, so that it is still read while a quorum queue's consumer is
+/// being swapped and the channel has none.
+struct Probe {
+    queue: String,
+    tag: &'static str,
+    queue_type: QueueType,
+    pid: Option<String>,
+    /// The consumer's own prefetch, last seen.
+    consumer_prefetch: u64,
 }
 
-fn follow_vars(tag: &'static str) -> Vec<(&'static str, String)> {
+impl Probe {
+    fn new(queue: &str, tag: &'static str, queue_type: QueueType) -> Self {
+        Self {
+            queue: queue.to_string(),
+            tag,
+            queue_type,
+            pid: None,
+            consumer_prefetch: 0,
+        }
+    }
+
+    /// `(unacknowledged, prefetch that follows)`: the prefetch is the
+    /// channel's on a classic queue, the consumer's on a quorum queue.
+    /// `None` until the consumer has shown up.
+    async fn read(&mut self) -> Option<(u64, u64)> {
+        let consumers = rabbitmqctl(&[
+            "list_consumers",
+            "-q",
+            "--no-table-headers",
+            "queue_name",
+            "channel_pid",
+            "consumer_tag",
+            "prefetch_count",
+        ])
+        .await
+        .expect("rabbitmqctl list_consumers");
+        let swapped = format!("{}.", self.tag);
+        if let Some((pid, prefetch)) = consumers.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 4 && f[0] == self.queue && (f[2] == self.tag || f[2].starts_with(&swapped)))
+                .then(|| Some((f[1].to_string(), f[3].parse::<u64>().ok()?)))?
+        }) {
+            self.pid = Some(pid);
+            self.consumer_prefetch = prefetch;
+        }
+        let pid = self.pid.as_deref()?;
+        let channels = rabbitmqctl(&[
+            "list_channels",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "messages_unacknowledged",
+            "global_prefetch_count",
+        ])
+        .await
+        .expect("rabbitmqctl list_channels");
+        channels.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 3 && f[0] == pid).then(|| {
+                let held = f[1].parse().ok()?;
+                Some(match self.queue_type {
+                    QueueType::Classic => (held, f[2].parse().ok()?),
+                    QueueType::Quorum => (held, self.consumer_prefetch),
+                })
+            })?
+        })
+    }
+}
+
+fn follow_vars(tag: &'static str, queue_type: QueueType) -> Vec<(&'static str, String)> {
+    let kind = match queue_type {
+        QueueType::Classic => "classic",
+        QueueType::Quorum => "quorum",
+    };
     vec![
+        ("CONVEYOR__RABBITMQ__QUEUE_TYPE", kind.into()),
         ("CONVEYOR__SOURCE__PREFETCH", "512".into()),
         ("CONVEYOR__SOURCE__PREFETCH_FOLLOW__ENABLED", "true".into()),
         ("CONVEYOR__SOURCE__PREFETCH_FOLLOW__FLOOR", "16".into()),
@@ -110,8 +156,21 @@ fn follow_vars(tag: &'static str) -> Vec<(&'static str, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowed_replica_holds_only_what_its_stages_can_work_on() {
+    slowed_replica(QueueType::Classic, "prefetch").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowed_replica_of_a_quorum_queue_holds_only_what_its_stages_can_work_on() {
+    slowed_replica(QueueType::Quorum, "prefetchq").await
+}
+
+async fn slowed_replica(queue_type: QueueType, tag: &str) {
     let started = Instant::now();
-    let env = Env::new("prefetch", Knobs::default()).await;
+    let env = Env::new(tag, Knobs::default()).await;
+    let cfg = RabbitConfig {
+        queue_type,
+        ..env.rabbit()
+    };
     let slow = sim::start(
         "127.0.0.1:0".parse().expect("addr"),
         Knobs {
@@ -130,10 +189,11 @@ async fn a_slowed_replica_holds_only_what_its_stages_can_work_on() {
         decline_pct: 2.0,
     };
     let gen = OrderGen::new(env.name.clone(), mix);
-    env.publish((0..ORDERS).map(|i| gen.message(i).1)).await;
+    env.publish_to(&cfg, (0..ORDERS).map(|i| gen.message(i).1))
+        .await;
 
     let stage = STAGE.to_string();
-    let mut b_vars = follow_vars("conveyor-b");
+    let mut b_vars = follow_vars("conveyor-b", queue_type);
     b_vars.extend([
         ("CONVEYOR__PAYMENT__URL", slow.url.clone()),
         ("CONVEYOR__PIPELINE__VALIDATE_CONCURRENCY", stage.clone()),
@@ -141,11 +201,12 @@ async fn a_slowed_replica_holds_only_what_its_stages_can_work_on() {
     ]);
     let b_vars: Vec<(&str, &str)> = b_vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut b = Daemon::start(&env, &b_vars).await;
+    let mut b_channel = Probe::new(&env.queue, "conveyor-b", queue_type);
 
     // B alone: what the queue has unacknowledged is B's.
     let mut samples = Vec::new();
     while samples.len() < 5 {
-        if let Some((held, qos)) = channel_of(&env.queue, "conveyor-b").await {
+        if let Some((held, qos)) = b_channel.read().await {
             let queue_held = unacked(&env.queue).await;
             samples.push((held, qos, queue_held));
         }
@@ -159,7 +220,7 @@ async fn a_slowed_replica_holds_only_what_its_stages_can_work_on() {
     let commit = commit_secs(b.http).await;
     let b_bound = bound(SLOW_MS, commit);
     println!(
-        "B alone (held, per-channel prefetch, queue unacked): {samples:?}; \
+        "{queue_type:?}: B alone (held, prefetch, queue unacked): {samples:?}; \
          B's mean commit {:.0} ms, bound {b_bound}",
         commit * 1000.0
     );
@@ -172,7 +233,7 @@ async fn a_slowed_replica_holds_only_what_its_stages_can_work_on() {
         );
         assert!(
             (16..=b_bound).contains(&qos),
-            "B's per-channel basic.qos is {qos}, not within its floor and bound"
+            "B's basic.qos is {qos}, not within its floor and bound"
         );
     }
     let b_limit = metric(b.http, "conveyor_prefetch_limit")
@@ -181,13 +242,13 @@ async fn a_slowed_replica_holds_only_what_its_stages_can_work_on() {
     assert!(b_limit <= b_bound as f64, "B's prefetch limit {b_limit}");
 
     // A joins and finishes the backlog; B keeps holding little.
-    let a_vars = follow_vars("conveyor-a");
+    let a_vars = follow_vars("conveyor-a", queue_type);
     let a_vars: Vec<(&str, &str)> = a_vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut a = Daemon::start(&env, &a_vars).await;
     let mut b_max = 0;
     let mut a_limit_max = 0.0f64;
     while env.rows().await < ORDERS as i64 {
-        if let Some((held, _)) = channel_of(&env.queue, "conveyor-b").await {
+        if let Some((held, _)) = b_channel.read().await {
             b_max = b_max.max(held);
         }
         if let Some(l) = metric(a.http, "conveyor_prefetch_limit").await {
@@ -215,13 +276,17 @@ async fn a_slowed_replica_holds_only_what_its_stages_can_work_on() {
     let acked_a = metric(a.http, "conveyor_messages_acked_total")
         .await
         .unwrap_or(0.0);
+    let swaps_b = metric(b.http, "conveyor_prefetch_consumer_swaps_total")
+        .await
+        .unwrap_or(0.0);
     for (d, who) in [(&mut a, "A"), (&mut b, "B")] {
         d.signal(Signal::SIGTERM);
         let (code, _) = d.wait(Duration::from_secs(30)).await;
         assert_eq!(code, Some(0), "{who} drains; log:\n{}", d.log_text());
     }
     println!(
-        "acked: A {acked_a}, B {acked_b}; B held at most {b_max} with A running; \
+        "{queue_type:?}: acked: A {acked_a}, B {acked_b}; B held at most {b_max} with A running \
+         ({swaps_b} consumer swaps); \
          A's prefetch limit reached {a_limit_max}; {:.1} s",
         started.elapsed().as_secs_f64()
     );
