@@ -17,6 +17,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::broker::ConsumerChannel;
 use common::{unacked, wait_for, Env};
 use conveyor::config::{QueueType, RabbitConfig};
 use conveyor::source::prefetch::Prefetch;
@@ -213,7 +214,7 @@ async fn a_cancelled_consumers_deliveries_stay_on_the_channel_of_a_quorum_queue(
 /// delivery is acked after a short, varying delay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_swap_under_load_loses_and_duplicates_nothing() {
-    const N: usize = 3_000;
+    const N: usize = 5_000;
     let env = Env::new("swapload", Knobs::default()).await;
     let cfg = RabbitConfig {
         queue_type: QueueType::Quorum,
@@ -233,11 +234,27 @@ async fn a_consumer_swap_under_load_loses_and_duplicates_nothing() {
     let stop = CancellationToken::new();
     let run = tokio::spawn(source.run(permits, deliveries_tx, settle_rx, stop.clone()));
 
+    // The limits the source is moved between; the channel never holds more
+    // than the highest (starting the new consumer before the old one's
+    // deliveries are settled would let it reach two limits together).
+    const LIMITS: [u32; 10] = [40, 8, 64, 12, 30, 6, 50, 16, 40, 10];
+    let highest = u64::from(LIMITS.iter().copied().max().unwrap_or_default());
+    let sampling = CancellationToken::new();
+    let sampler = tokio::spawn({
+        let mut channel = ConsumerChannel::new(&env.queue, "conveyor", QueueType::Quorum);
+        let sampling = sampling.clone();
+        async move {
+            let mut held = Vec::new();
+            while !sampling.is_cancelled() {
+                if let Some((n, _)) = channel.read().await {
+                    held.push(n);
+                }
+            }
+            held
+        }
+    });
     let mover = tokio::spawn(async move {
-        for limit in [40u32, 8, 64, 12, 30, 6, 50, 16, 40, 10]
-            .into_iter()
-            .cycle()
-        {
+        for limit in LIMITS.into_iter().cycle() {
             tokio::time::sleep(Duration::from_millis(300)).await;
             if limit_tx.send(limit).is_err() {
                 return;
@@ -280,6 +297,8 @@ async fn a_consumer_swap_under_load_loses_and_duplicates_nothing() {
         });
     }
     let elapsed = started.elapsed();
+    sampling.cancel();
+    let held = sampler.await.expect("the sampler");
     wait_for(
         "the queue empty with nothing unacknowledged",
         Duration::from_secs(20),
@@ -297,8 +316,14 @@ async fn a_consumer_swap_under_load_loses_and_duplicates_nothing() {
         .expect("the source ends cleanly");
     let swaps = metrics.prefetch_swaps.get();
     println!(
-        "{N} delivered once each in {:.1} s across {swaps} consumer swaps",
+        "{N} delivered once each in {:.1} s across {swaps} consumer swaps; \
+         the channel held {held:?}",
         elapsed.as_secs_f64()
+    );
+    assert!(held.len() >= 3, "too few samples of the channel: {held:?}");
+    assert!(
+        held.iter().all(|&n| n <= highest),
+        "the channel held more than the highest limit ({highest}): {held:?}"
     );
     assert!(duplicates.is_empty(), "delivered twice: {duplicates:?}");
     assert!(
