@@ -29,6 +29,7 @@ const FAMILIES: &[&str] = &[
     "conveyor_batch_commit_retries_total",
     "conveyor_unacked_messages",
     "conveyor_prefetch_limit",
+    "conveyor_prefetch_consumer_swaps_total",
     "conveyor_oldest_unacked_age_seconds",
     "conveyor_end_to_end_latency_seconds",
     "conveyor_rabbitmq_queue_messages",

@@ -49,8 +49,12 @@ pub struct SourceConfig {
 pub struct PrefetchFollow {
     /// Hold at most the stages' current concurrency limits, plus what the
     /// batcher fills during one batch at the current rate, plus a small
-    /// slack, instead of `source.prefetch` always. RabbitMQ: re-issued at
-    /// run time as a per-channel `basic.qos` (classic queues only).
+    /// slack, instead of `source.prefetch` always. RabbitMQ classic queues:
+    /// re-issued at run time as a per-channel `basic.qos`. Quorum queues
+    /// (no per-channel `basic.qos`): the consumer's own prefetch, and the
+    /// consumer is swapped for one with the new count when the limit has
+    /// moved by a quarter, at most once a second (see
+    /// `source::rabbitmq::swap`).
     pub enabled: bool,
     /// The least prefetch ever used (1..=`source.prefetch`).
     pub floor: u32,

@@ -25,8 +25,9 @@
 //!
 //! The broker must stop sending too, or it keeps pushing messages into the
 //! client's buffer that count as unacknowledged at the broker: RabbitMQ's
-//! source re-issues `basic.qos` on the live channel (see
-//! `rabbitmq::session`); Kafka has no broker-side count, the permits are
+//! source re-issues `basic.qos` on the live channel of a classic queue (see
+//! `rabbitmq::session`) and swaps the consumer of a quorum queue (see
+//! `rabbitmq::swap`); Kafka has no broker-side count, the permits are
 //! what stops `recv()`, and librdkafka's fetch queue stays capped by
 //! `kafka.fetch_queue_kbytes`.
 

@@ -19,8 +19,9 @@
 //!
 //! The modules follow one message: `session` opens a connection with its
 //! channels (and reopens it, with backoff, when it dies); `intake` takes a
-//! prefetch permit, then a delivery, and hands it to the pipeline;
-//! `settle` acknowledges what the pipeline finished, turning delivery tags
+//! prefetch permit, then a delivery, and hands it to the pipeline, reading
+//! from the consumer that `swap` replaces when a quorum queue's prefetch
+//! follows the stages; `settle` acknowledges what the pipeline finished, turning delivery tags
 //! into the fewest `basic.ack`s with `acks`; `dead_letter` publishes
 //! failed orders with confirms before their originals are acked.
 
