@@ -91,26 +91,30 @@ async fn cancelled_consumer_keeps_its_deliveries(queue_type: QueueType, tag: &st
         .await
         .expect("connect to RabbitMQ");
     let ch = conn.create_channel().await.expect("channel");
-    let consume = |ch: lapin::Channel, tag: &'static str| {
-        let queue = env.queue.clone();
+    // A consumer after a per-consumer basic.qos, and the deliveries it gets
+    // before its prefetch is full.
+    let consume = |prefetch: u16, tag: &'static str| {
+        let (ch, queue) = (ch.clone(), env.queue.clone());
         async move {
-            ch.basic_consume(
-                queue.as_str().into(),
-                tag.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("basic.consume")
+            ch.basic_qos(prefetch, BasicQosOptions { global: false })
+                .await
+                .expect("basic.qos");
+            let mut consumer = ch
+                .basic_consume(
+                    queue.as_str().into(),
+                    tag.into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("basic.consume");
+            let got = take(&mut consumer, usize::from(prefetch)).await;
+            nothing_more(&mut consumer, prefetch).await;
+            (consumer, got)
         }
     };
 
-    ch.basic_qos(5, BasicQosOptions { global: false })
-        .await
-        .expect("basic.qos 5");
-    let mut old = consume(ch.clone(), "swap-probe-1").await;
-    let held = take(&mut old, 5).await;
-    nothing_more(&mut old, 5).await;
+    let (mut old, held) = consume(5, "swap-probe-1").await;
     ch.basic_cancel("swap-probe-1".into(), BasicCancelOptions::default())
         .await
         .expect("basic.cancel");
@@ -126,12 +130,7 @@ async fn cancelled_consumer_keeps_its_deliveries(queue_type: QueueType, tag: &st
     // it gets the new prefetch, beside the 5. (Under the old tag it would
     // not be new: a classic queue credits the old deliveries' acks to it,
     // a quorum queue counts them against its prefetch.)
-    ch.basic_qos(3, BasicQosOptions { global: false })
-        .await
-        .expect("basic.qos 3");
-    let mut new = consume(ch.clone(), "swap-probe-2").await;
-    let fresh = take(&mut new, 3).await;
-    nothing_more(&mut new, 3).await;
+    let (mut new, fresh) = consume(3, "swap-probe-2").await;
     counts(&env, (22, 8)).await;
     let tags: Vec<u64> = held.iter().chain(&fresh).map(|d| d.delivery_tag).collect();
     assert!(
