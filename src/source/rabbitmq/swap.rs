@@ -289,11 +289,7 @@ impl Feed {
 
     async fn consume(&mut self, session: &Session, cfg: &RabbitConfig) -> Result<(), String> {
         self.swaps += 1;
-        let tag = short(
-            "consumer_tag",
-            &format!("{}.{}", cfg.consumer_tag, self.swaps),
-        )
-        .map_err(|e| e.to_string())?;
+        let tag = swapped_tag(&cfg.consumer_tag, self.swaps);
         self.consumer = session
             .consume
             .basic_consume(
@@ -325,6 +321,18 @@ impl Feed {
     }
 }
 
+/// The tag of the `n`th consumer after the first: `<consumer_tag>.<n>`,
+/// the configured tag shortened if need be to stay an AMQP short string.
+fn swapped_tag(base: &str, n: u64) -> ShortString {
+    let suffix = format!(".{n}");
+    let mut end = base.len().min(255 - suffix.len());
+    while !base.is_char_boundary(end) {
+        end -= 1;
+    }
+    let tag = format!("{}{suffix}", &base[..end]);
+    ShortString::try_new(tag).unwrap_or_else(|_| ShortString::from(suffix))
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -354,6 +362,14 @@ mod tests {
         assert_eq!(r.decide(30, later), Swap::Now);
         // A prefetch under 4 moves with any change.
         assert_eq!(rule(2).decide(3, later), Swap::Now);
+    }
+
+    #[test]
+    fn a_swapped_consumer_tag_stays_a_short_string() {
+        assert_eq!(swapped_tag("conveyor", 3).as_str(), "conveyor.3");
+        let long = "é".repeat(200);
+        let tag = swapped_tag(&long, 12);
+        assert!(tag.as_str().len() <= 255 && tag.as_str().ends_with("é.12"));
     }
 
     #[tokio::test(start_paused = true)]
