@@ -48,8 +48,9 @@ pub(crate) struct FlowArgs {
     /// Calls that may wait at an endpoint past its capacity; beyond, 503.
     #[arg(long, default_value_t = 16)]
     pub(crate) queue_limit: u32,
-    /// The fixed-concurrency contestants (validate and charge stage alike).
-    #[arg(long, value_delimiter = ',', default_value = "8,64")]
+    /// The fixed-concurrency contestants (validate and charge stage alike);
+    /// `--fixed` alone runs none.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "8,64")]
     pub(crate) fixed: Vec<u32>,
     /// How often the daemon's /metrics is sampled (the limit over time).
     #[arg(long, default_value_t = 200)]

@@ -5,21 +5,31 @@
 //! # The adaptive controller
 //!
 //! An AIMD loop in the spirit of Vector's adaptive request concurrency.
-//! Every answered attempt reports its round-trip time (RTT); a transient
-//! failure (timeout, transport error, 429, 5xx) reports back-pressure. The
-//! samples are judged once per *window*, one mean RTT long, so the limit
-//! moves at most once per round trip however many calls are in flight:
+//! Every call reports its round-trip time (RTT); a transient failure
+//! (timeout, transport error, 429, 5xx) reports back-pressure. The calls
+//! are judged once per *window*, one mean RTT long, so the limit moves at
+//! most once per round trip however many calls are in flight:
 //!
-//! * **decrease** (× [`DECREASE_RATIO`]) when the window saw back-pressure,
-//!   or its mean RTT shows a queue at the downstream before it starts
-//!   refusing: RTT ≥ `mean + K·σ` of the RTT history (a sudden rise), or
-//!   the smoothed RTT and the window's both reach
-//!   `base·(1 + QUEUE_TOLERANCE) + QUEUE_K·σ`, `base` being the unloaded
-//!   RTT (a queue that built up slowly, which a moving mean alone would
-//!   follow);
-//! * **increase** (+1) only when the window reached the limit — a stage
-//!   that never has `limit` orders at once learns nothing about a higher
-//!   one — and its RTT was not inflated in either sense;
+//! * **decrease** (× [`DECREASE_RATIO`]) on evidence from calls sent after
+//!   the last cut: one of them met back-pressure, or their mean RTT shows a
+//!   queue at the downstream before it starts refusing — it and the
+//!   smoothed RTT both reach `base·(1 + QUEUE_TOLERANCE) + QUEUE_K·σ`,
+//!   `base` being the unloaded RTT. Calls sent before the last cut say
+//!   nothing about the new limit: a stall or a burst of errors that every
+//!   call under way met is one event and costs one cut, not one per window
+//!   while its late answers come in;
+//! * **increase** (+1) only when the calls under way reached the limit in
+//!   the window (a stage whose calls never reach `limit` learns nothing
+//!   about a higher one; an order that waits to be handed on or backs off
+//!   between attempts holds its slot but makes no call) and no call of the
+//!   window, however old, met back-pressure or a queue;
+//! * **come down to what is used** when no window reached the limit for
+//!   [`UNUSED_FOR`]: to the most calls that were under way at once. A
+//!   limit the calls do not reach says nothing about the downstream; left
+//!   high it lets a burst overrun a downstream that shrank meanwhile, and
+//!   it inflates the prefetch that follows the limits
+//!   (`source::prefetch`). The same burst again reaches the limit, which
+//!   then grows from there;
 //! * else hold. The limit stays within `min..=max`.
 //!
 //! The history is an exponentially weighted mean and variance of the
@@ -38,18 +48,24 @@
 //! extra call, at 1.1·C the queue rule cuts it to just under C, where the
 //! RTT is the unloaded one again and the climb restarts — the downstream is
 //! kept busy with a queue of at most a tenth of its capacity. A noisy RTT
-//! (σ) widens the band by `QUEUE_K·σ`: noise must not read as a queue.
+//! (σ) widens the band by `QUEUE_K·σ`.
 //!
 //! Constants, and why: α = 0.4 follows the last few windows yet smooths one
 //! odd window (Vector's default); ×0.9 gives up 10 % per round trip, fast
 //! enough to halve in about 7 windows, gentle enough that one 503 does not
-//! cost a third of the throughput; K = 3 flags a window three standard
-//! deviations above normal, rare by chance even at a hundred windows a
-//! second (Vector uses 2.5 over longer windows; measured against the
-//! simulator, 2 cut the limit on noise alone); the queue tolerance
-//! 0.1 = 1/0.9 − 1 makes one cut land under the capacity, and QUEUE_K = 2
-//! keeps a busy host's scheduling noise (σ of 15–25 % of the RTT in a
-//! debug build on a loaded machine) from reading as a queue.
+//! cost a third of the throughput; the queue tolerance 0.1 = 1/0.9 − 1
+//! makes one cut land under the capacity; QUEUE_K = 1 is the compromise
+//! between two failures measured here: σ includes the sawtooth's own
+//! swing, so a larger multiple widens the band with it (QUEUE_K = 2
+//! settled at 1.2–1.45·C, 17 for C = 12, on `scripts/bench flow`), and a
+//! smaller one reads a loaded host's scheduling noise as a queue
+//! (QUEUE_K = 0.5 held a debug build's limit at a median of 7 for C = 12
+//! in `tests/concurrency.rs` run beside other suites). A false cut costs
+//! little — the limit climbs back one call per round trip, and the
+//! fresh-evidence rule keeps false cuts from cascading. There is no separate "sudden rise" rule
+//! (`RTT ≥ mean + k·σ`, Vector's): measured on a busy two-core host it
+//! fired on scheduling noise and let the limit sink to 20–30 for C = 32; a real rise reaches the smoothed RTT within two
+//! windows, and a downstream that sheds load answers 503 at once.
 //!
 //! # Why not a crate
 //!
@@ -83,11 +99,9 @@ use tokio::time::Instant;
 pub const EWMA_ALPHA: f64 = 0.4;
 /// The factor a window with back-pressure or inflated RTT cuts the limit by.
 pub const DECREASE_RATIO: f64 = 0.9;
-/// How many standard deviations above its mean an RTT counts as inflated.
-pub const K: f64 = 3.0;
 /// How many standard deviations above the unloaded RTT (plus its tolerance)
-/// the smoothed RTT must be to count as a queue.
-pub const QUEUE_K: f64 = 2.0;
+/// the smoothed RTT must be to count as a queue (see the module doc).
+pub const QUEUE_K: f64 = 1.0;
 /// The least σ counted, as a share of the mean RTT.
 pub const MIN_DEVIATION: f64 = 0.05;
 /// How far above the unloaded RTT a window's RTT may be before it counts
@@ -98,6 +112,11 @@ pub const QUEUE_TOLERANCE: f64 = 0.1;
 /// The unloaded RTT is the least of the last one or two periods this long,
 /// so a downstream whose latency really rose is believed within 10–20 s.
 pub const BASE_PERIOD: Duration = Duration::from_secs(10);
+/// How long the calls must stay under the limit before it is brought down
+/// to the most of them under way at once: longer than the pauses of an
+/// intake that waits on the broker or on a commit, which are not a drop in
+/// demand.
+pub const UNUSED_FOR: Duration = Duration::from_secs(1);
 /// The shortest window: a downstream answering in microseconds is judged
 /// at most a thousand times a second.
 pub const MIN_WINDOW: Duration = Duration::from_millis(1);
@@ -185,13 +204,33 @@ struct Controller {
     base_now: Option<f64>,
     base_last: Option<f64>,
     base_period_start: Option<Instant>,
-    window_start: Option<Instant>,
-    window_rtt_sum: f64,
-    window_rtt_n: u32,
-    window_all_sum: f64,
-    window_all_n: u32,
+    /// When the limit was last cut for back-pressure or a queue: only calls
+    /// sent after it are evidence for the next cut.
+    last_cut: Option<Instant>,
+    /// Since when no window reached the limit, and the most calls under
+    /// way at once since.
+    unreached_since: Option<Instant>,
+    unreached_peak: usize,
+    window: Window,
+}
+
+/// What one window saw.
+#[derive(Debug, Default)]
+struct Window {
+    start: Option<Instant>,
+    /// Answered calls: summed RTT, count.
+    rtt_sum: f64,
+    rtt_n: u32,
+    /// Every call, failures included.
+    all_sum: f64,
+    all_n: u32,
+    /// Answered calls sent after the last cut.
+    fresh_sum: f64,
+    fresh_n: u32,
+    /// Back-pressure on a call sent after the last cut.
     back_pressure: bool,
-    reached_limit: bool,
+    /// Back-pressure on any call: the window's RTT is not the norm.
+    troubled: bool,
 }
 
 fn ewma(avg: &mut Option<f64>, x: f64) -> f64 {
@@ -202,52 +241,64 @@ fn ewma(avg: &mut Option<f64>, x: f64) -> f64 {
 }
 
 impl Controller {
-    fn sample(&mut self, rtt: f64, feedback: Feedback) {
-        self.window_all_sum += rtt;
-        self.window_all_n += 1;
+    fn sample(&mut self, sent: Instant, rtt: f64, feedback: Feedback) {
+        let w = &mut self.window;
+        let fresh = self.last_cut.is_none_or(|cut| sent >= cut);
+        w.all_sum += rtt;
+        w.all_n += 1;
         match feedback {
             Feedback::Answered => {
-                self.window_rtt_sum += rtt;
-                self.window_rtt_n += 1;
+                w.rtt_sum += rtt;
+                w.rtt_n += 1;
+                if fresh {
+                    w.fresh_sum += rtt;
+                    w.fresh_n += 1;
+                }
             }
-            Feedback::BackPressure => self.back_pressure = true,
+            Feedback::BackPressure => {
+                w.troubled = true;
+                w.back_pressure |= fresh;
+            }
         }
     }
 
     /// Closes the window if it is one RTT old; the new limit, if it moved.
-    fn judge(&mut self, now: Instant, limit: usize) -> Option<usize> {
-        let start = *self.window_start.get_or_insert(now);
+    /// `peak` holds the most calls under way at once since the window began.
+    fn judge(
+        &mut self,
+        now: Instant,
+        limit: usize,
+        peak: &AtomicUsize,
+        calls: usize,
+    ) -> Option<usize> {
+        let start = *self.window.start.get_or_insert(now);
         // Before any window closed, the first answers' RTT is the length.
-        let first = self.window_all_sum / f64::from(self.window_all_n.max(1));
-        let length = Duration::from_secs_f64(self.span.unwrap_or(first));
-        if now.duration_since(start) < length.max(MIN_WINDOW) {
+        let first = self.window.all_sum / f64::from(self.window.all_n.max(1));
+        let length = Duration::from_secs_f64(self.span.unwrap_or(first)).max(MIN_WINDOW);
+        let elapsed = now.duration_since(start);
+        if elapsed < length {
             return None;
         }
+        let peak = peak.swap(calls, Ordering::AcqRel);
+        let reached = peak >= limit;
+        let w = std::mem::replace(
+            &mut self.window,
+            Window {
+                start: Some(now),
+                ..Window::default()
+            },
+        );
         let mean_of = |sum: f64, n: u32| (n > 0).then(|| sum / f64::from(n));
-        let current = mean_of(self.window_rtt_sum, self.window_rtt_n);
-        if let Some(all) = mean_of(self.window_all_sum, self.window_all_n) {
+        let current = mean_of(w.rtt_sum, w.rtt_n);
+        let fresh = mean_of(w.fresh_sum, w.fresh_n);
+        if let Some(all) = mean_of(w.all_sum, w.all_n) {
             ewma(&mut self.span, all);
         }
-        let (back_pressure, reached) = (self.back_pressure, self.reached_limit);
-        let (span, mean, base, min, max) = (self.span, self.mean, self.base(), self.min, self.max);
-        *self = Self {
-            span,
-            mean,
-            var: self.var,
-            base_now: self.base_now,
-            base_last: self.base_last,
-            base_period_start: self.base_period_start,
-            window_start: Some(now),
-            min,
-            max,
-            ..Self::default()
-        };
-        let sigma = mean.map_or(0.0, |m| self.var.sqrt().max(MIN_DEVIATION * m));
-        let spike = match (current, mean) {
-            (Some(rtt), Some(mean)) => rtt >= mean + K * sigma,
-            _ => false,
-        };
-        if let (false, Some(rtt)) = (back_pressure, current) {
+        // The RTT's deviation before this window.
+        let sigma = self
+            .mean
+            .map_or(0.0, |m| self.var.sqrt().max(MIN_DEVIATION * m));
+        if let (false, Some(rtt)) = (w.troubled, current) {
             let diff = ewma(&mut self.mean, rtt);
             self.var = (1.0 - EWMA_ALPHA) * (self.var + EWMA_ALPHA * diff * diff);
             let period = *self.base_period_start.get_or_insert(now);
@@ -259,22 +310,47 @@ impl Controller {
                 self.base_now = Some(self.base_now.map_or(smoothed, |b| b.min(smoothed)));
             }
         }
-        // Judged on the smoothed RTT: one lucky window must not become the
-        // norm, nor one unlucky window a queue.
-        // The window itself must show it too: the smoothed RTT lags, and
-        // a cut that worked shows at once in the next window's RTT, which
-        // must stop the cutting before the mean has caught up.
-        let queueing = match (self.mean, current, base) {
-            (Some(mean), Some(rtt), Some(base)) => {
-                let over = base * (1.0 + QUEUE_TOLERANCE) + QUEUE_K * sigma;
-                mean >= over && rtt >= over
-            }
+        // Calls show a queue when their mean RTT and the smoothed one are
+        // both above the unloaded RTT by the tolerance: judged on the
+        // smoothed RTT, so one lucky window does not become the norm nor
+        // one unlucky window a queue; on the calls' own too, because the
+        // smoothed RTT lags and a cut that worked shows at once in the
+        // calls sent after it, which must stop the cutting before the mean
+        // catches up.
+        let over = self
+            .base()
+            .map(|base| base * (1.0 + QUEUE_TOLERANCE) + QUEUE_K * sigma);
+        let smoothed = self.mean;
+        let inflated = |rtt: Option<f64>| match (rtt, smoothed, over) {
+            (Some(rtt), Some(mean), Some(over)) => mean >= over && rtt >= over,
             _ => false,
         };
-        let new = if back_pressure || queueing || spike {
-            ((limit as f64 * DECREASE_RATIO).floor() as usize).max(self.min)
-        } else if reached && current.is_some() {
+        let cut = |limit: usize| ((limit as f64 * DECREASE_RATIO).floor() as usize).max(self.min);
+        let since = if reached {
+            self.unreached_since = None;
+            self.unreached_peak = 0;
+            now
+        } else {
+            self.unreached_peak = self.unreached_peak.max(peak);
+            *self.unreached_since.get_or_insert(start)
+        };
+        // Cut only on calls sent after the last cut (a stall or a burst of
+        // errors that they all met is one event, not one per window); grow
+        // only when no call of the window, however old, saw trouble.
+        let new = if w.back_pressure || inflated(fresh) {
+            self.last_cut = Some(now);
+            cut(limit)
+        } else if reached && current.is_some() && !w.troubled && !inflated(current) {
             (limit + 1).min(self.max)
+        } else if now.duration_since(since) >= UNUSED_FOR {
+            // A limit the calls have not reached for a while says nothing
+            // about the downstream: it comes down to the most calls that
+            // were under way at once, so the same burst again reaches it
+            // (and it grows from there, one call per round trip).
+            let target = self.unreached_peak.clamp(self.min, self.max);
+            self.unreached_since = Some(now);
+            self.unreached_peak = 0;
+            limit.min(target)
         } else {
             limit
         };
@@ -295,8 +371,20 @@ impl Controller {
 pub struct ConcurrencyLimit {
     slots: Resizable,
     in_flight: Arc<AtomicUsize>,
+    /// Calls to the downstream under way (an order holds its slot also
+    /// between its attempts and while it is handed on).
+    calls: AtomicUsize,
+    /// The most calls under way at once since the controller's window began.
+    peak: AtomicUsize,
     controller: Option<Mutex<Controller>>,
     metrics: ConcurrencyMetrics,
+}
+
+/// One call under way, from [`ConcurrencyLimit::call`] to
+/// [`ConcurrencyLimit::record`].
+#[must_use = "a call is given back to `record` with its outcome"]
+pub struct Call {
+    sent: Instant,
 }
 
 /// A slot in the pool, held for as long as one order is worked on.
@@ -309,18 +397,11 @@ pub struct Slot {
 
 impl Slot {
     /// The slot's order is taken: from now on it counts as in flight.
-    pub fn busy(&mut self, limit: &ConcurrencyLimit) {
+    pub fn busy(&mut self) {
         if !self.busy {
             self.busy = true;
             let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
             self.gauge.set(now as i64);
-            if now >= limit.limit() {
-                if let Some(c) = &limit.controller {
-                    if let Ok(mut c) = c.lock() {
-                        c.reached_limit = true;
-                    }
-                }
-            }
         }
     }
 }
@@ -353,6 +434,8 @@ impl ConcurrencyLimit {
         Self {
             slots: Resizable::new(limit),
             in_flight: Arc::new(AtomicUsize::new(0)),
+            calls: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
             controller,
             metrics,
         }
@@ -378,10 +461,22 @@ impl ConcurrencyLimit {
         })
     }
 
-    /// One attempt's outcome, `started` being when it was sent.
-    pub fn record(&self, started: Instant, feedback: Feedback) {
+    /// One call to the downstream begins: the controller learns whether
+    /// the calls under way reach the limit, and [`record`](Self::record)
+    /// takes the call back with its outcome.
+    pub fn call(&self) -> Call {
+        let now = self.calls.fetch_add(1, Ordering::AcqRel) + 1;
+        self.peak.fetch_max(now, Ordering::AcqRel);
+        Call {
+            sent: Instant::now(),
+        }
+    }
+
+    /// One call's outcome.
+    pub fn record(&self, call: Call, feedback: Feedback) {
+        let calls = self.calls.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
         let now = Instant::now();
-        let rtt = now.duration_since(started).as_secs_f64();
+        let rtt = now.duration_since(call.sent).as_secs_f64();
         if feedback == Feedback::Answered {
             self.metrics.rtt.observe(rtt);
         }
@@ -392,8 +487,8 @@ impl ConcurrencyLimit {
             let Ok(mut c) = c.lock() else {
                 return;
             };
-            c.sample(rtt, feedback);
-            c.judge(now, self.limit())
+            c.sample(call.sent, rtt, feedback);
+            c.judge(now, self.limit(), &self.peak, calls)
         };
         if let Some(new) = moved {
             self.resize(new);

@@ -51,20 +51,20 @@ async fn drive(
                 let Some(mut slot) = limit.acquire().await else {
                     return;
                 };
-                slot.busy(&limit);
+                slot.busy();
+                let call = limit.call();
                 let in_flight = limit.in_flight();
                 let cap = model.capacity.load(Ordering::Acquire).max(1);
                 let rtt = model
                     .latency
                     .mul_f64((in_flight as f64 / cap as f64).max(1.0));
-                let started = Instant::now();
                 tokio::time::sleep(rtt).await;
                 let feedback = if model.failing.load(Ordering::Acquire) {
                     Feedback::BackPressure
                 } else {
                     Feedback::Answered
                 };
-                limit.record(started, feedback);
+                limit.record(call, feedback);
                 done.fetch_add(1, Ordering::AcqRel);
                 drop(slot);
             }
@@ -111,17 +111,53 @@ async fn the_limit_grows_by_one_per_round_trip_while_it_is_reached() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_limit_does_not_grow_when_it_is_never_reached() {
+async fn a_limit_never_reached_does_not_grow_and_comes_down_to_what_is_used() {
     let limit = adaptive(8, 1, 1000);
-    // Three workers: never eight orders at once.
-    drive(
+    // Three workers: never eight calls at once. For less than UNUSED_FOR
+    // the limit holds (a pause in the demand is not a drop in it).
+    let (_, samples) = drive(
         limit.clone(),
         model(10, 1000),
         3,
-        Duration::from_millis(500),
+        UNUSED_FOR - Duration::from_millis(300),
     )
     .await;
-    assert_eq!(limit.limit(), 8);
+    assert!(samples.iter().all(|l| *l == 8), "{samples:?}");
+    // Then it comes down to the three calls under way at most; that is
+    // reached, so it grows to four, which is not: it saws between the two.
+    let (_, samples) = drive(limit.clone(), model(10, 1000), 3, Duration::from_secs(3)).await;
+    assert!(samples.iter().any(|l| *l <= 4), "{samples:?}");
+    assert!(
+        samples
+            .iter()
+            .skip_while(|l| **l > 4)
+            .all(|l| (3..=4).contains(l)),
+        "{samples:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stall_of_every_call_cuts_once_not_once_per_window() {
+    let limit = adaptive(40, 1, 40);
+    let m = model(10, 1000);
+    // Steady at the ceiling for a while: the RTT history is 10 ms.
+    drive(limit.clone(), m.clone(), 40, Duration::from_secs(1)).await;
+    assert_eq!(limit.limit(), 40);
+    // Then the client stalls: the calls under way are answered late, a
+    // group at a time, each later than the last. The windows that close on
+    // those answers are judged on calls all sent before the first cut.
+    let mut calls = Vec::new();
+    for _ in 0..40 {
+        calls.push(limit.call());
+    }
+    tokio::time::advance(Duration::from_millis(15)).await;
+    for (i, call) in calls.into_iter().enumerate() {
+        limit.record(call, Feedback::Answered);
+        if i % 8 == 7 {
+            tokio::time::advance(Duration::from_millis(12)).await;
+        }
+    }
+    assert_eq!(limit.limit(), 36, "one cut of a tenth");
 }
 
 #[tokio::test(start_paused = true)]
@@ -184,13 +220,13 @@ async fn a_cut_lets_work_in_flight_finish_and_takes_no_more_until_under_it() {
     let mut held = Vec::new();
     for _ in 0..10 {
         let mut s = limit.acquire().await.expect("slot");
-        s.busy(&limit);
+        s.busy();
         held.push(s);
     }
     // Back-pressure over a window: 10 → 9, with every slot in use.
-    limit.record(Instant::now(), Feedback::BackPressure);
+    limit.record(limit.call(), Feedback::BackPressure);
     tokio::time::advance(Duration::from_millis(2)).await;
-    limit.record(Instant::now(), Feedback::BackPressure);
+    limit.record(limit.call(), Feedback::BackPressure);
     assert_eq!(limit.limit(), 9);
     assert_eq!(limit.in_flight(), 10);
     // The first slot back pays the debt; only the second frees room.
@@ -205,7 +241,7 @@ async fn a_cut_lets_work_in_flight_finish_and_takes_no_more_until_under_it() {
 fn fixed_mode_is_the_stage_concurrency() {
     let limit = ConcurrencyLimit::new(&ConcurrencyConfig::default(), 64, metrics());
     assert_eq!(limit.limit(), 64);
-    limit.record(Instant::now(), Feedback::BackPressure);
+    limit.record(limit.call(), Feedback::BackPressure);
     assert_eq!(limit.limit(), 64);
 }
 

@@ -188,10 +188,10 @@ impl Endpoint {
                 let ok = ok.clone();
                 let attempt_span = span.clone();
                 async move {
-                    let started = tokio::time::Instant::now();
+                    let under_way = self.concurrency.call();
                     let res = call::<T>(req).await;
                     self.concurrency.record(
-                        started,
+                        under_way,
                         match &res {
                             Err(e) if e.is_transient() => Feedback::BackPressure,
                             _ => Feedback::Answered,

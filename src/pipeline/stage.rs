@@ -53,7 +53,7 @@ pub(super) async fn stage<F, Fut>(
         let Some(item) = input.recv().await else {
             break;
         };
-        slot.busy(&limit);
+        slot.busy();
         // Reap the finished ones, or the set would keep every result.
         while tasks.try_join_next().is_some() {}
         let salvage = item.salvage();

@@ -81,6 +81,8 @@ pub(crate) struct Phase {
     pub(crate) settle: Option<f64>,
     /// Median sampled limit over the phase's second half: rule engine, payment.
     pub(crate) limit: [f64; 2],
+    /// The payment provider's mean RTT over the phase (ms), as conveyor saw it.
+    pub(crate) rtt_ms: f64,
 }
 
 /// One contestant's run through the schedule.
@@ -122,7 +124,7 @@ pub(crate) async fn measure(b: &mut Bench, args: &FlowArgs) -> anyhow::Result<Sc
             };
             for (k, p) in r.phases.iter().enumerate() {
                 say(format!(
-                    "  phase {} (capacity {}): {:.0}/s, p99 {:.0} ms, refused {:.2} %, {:.0} retries{}",
+                    "  phase {} (capacity {}): {:.0}/s, p99 {:.0} ms, refused {:.2} %, {:.0} retries{}{}",
                     k + 1,
                     args.capacities[k],
                     p.rate,
@@ -132,6 +134,13 @@ pub(crate) async fn measure(b: &mut Bench, args: &FlowArgs) -> anyhow::Result<Sc
                     match (c, p.settle) {
                         (Contestant::Adaptive, Some(s)) => format!(", settled in {s:.1} s"),
                         (Contestant::Adaptive, None) => ", not settled".into(),
+                        _ => String::new(),
+                    },
+                    match c {
+                        Contestant::Adaptive => format!(
+                            ", limits {:.0} / {:.0} (payment / rule engine, second half), payment RTT {:.1} ms",
+                            p.limit[1], p.limit[0], p.rtt_ms
+                        ),
                         _ => String::new(),
                     }
                 ));
@@ -232,6 +241,15 @@ async fn one(b: &mut Bench, args: &FlowArgs, c: Contestant) -> anyhow::Result<Ru
             },
             retries: world::rise(&samples, from_t, to_t, |m| m.retries),
             settle: settle(&samples, changes[i].0, to_t, *cap),
+            rtt_ms: {
+                let sum = world::rise(&samples, from_t, to_t, |m| m.payment_rtt[0]);
+                let n = world::rise(&samples, from_t, to_t, |m| m.payment_rtt[1]);
+                if n > 0.0 {
+                    1000.0 * sum / n
+                } else {
+                    f64::NAN
+                }
+            },
             limit: [0, 1].map(|k| {
                 let half = (from_t + to_t) / 2.0;
                 Stat(

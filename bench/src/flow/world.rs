@@ -272,6 +272,8 @@ pub(crate) struct Metrics {
     /// Requests to the payment provider alone, all results.
     pub(crate) payment_requests: f64,
     pub(crate) budget_refusals: f64,
+    /// `conveyor_downstream_rtt_seconds` of the payment provider: sum, count.
+    pub(crate) payment_rtt: [f64; 2],
 }
 
 /// Sums the samples of `name` whose labels include every `(key, value)`.
@@ -311,6 +313,13 @@ pub(crate) fn parse(text: &str) -> Metrics {
         retries: sum(text, "conveyor_downstream_retries_total", &[]),
         payment_requests: sum(text, requests, &[("downstream", "payment")]),
         budget_refusals: sum(text, "conveyor_downstream_retry_budget_refusals_total", &[]),
+        payment_rtt: ["sum", "count"].map(|k| {
+            sum(
+                text,
+                &format!("conveyor_downstream_rtt_seconds_{k}"),
+                &[("downstream", "payment")],
+            )
+        }),
     }
 }
 
