@@ -373,7 +373,7 @@ pub struct ConcurrencyLimit {
     in_flight: Arc<AtomicUsize>,
     /// Calls to the downstream under way (an order holds its slot also
     /// between its attempts and while it is handed on).
-    calls: AtomicUsize,
+    calls: Arc<AtomicUsize>,
     /// The most calls under way at once since the controller's window began.
     peak: AtomicUsize,
     controller: Option<Mutex<Controller>>,
@@ -385,6 +385,15 @@ pub struct ConcurrencyLimit {
 #[must_use = "a call is given back to `record` with its outcome"]
 pub struct Call {
     sent: Instant,
+    /// Given back when the call ends, recorded or not (a call dropped
+    /// mid-flight by the drain deadline must not count as under way).
+    calls: Arc<AtomicUsize>,
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.calls.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A slot in the pool, held for as long as one order is worked on.
@@ -434,7 +443,7 @@ impl ConcurrencyLimit {
         Self {
             slots: Resizable::new(limit),
             in_flight: Arc::new(AtomicUsize::new(0)),
-            calls: AtomicUsize::new(0),
+            calls: Arc::new(AtomicUsize::new(0)),
             peak: AtomicUsize::new(0),
             controller,
             metrics,
@@ -469,14 +478,17 @@ impl ConcurrencyLimit {
         self.peak.fetch_max(now, Ordering::AcqRel);
         Call {
             sent: Instant::now(),
+            calls: self.calls.clone(),
         }
     }
 
     /// One call's outcome.
     pub fn record(&self, call: Call, feedback: Feedback) {
-        let calls = self.calls.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
+        let sent = call.sent;
+        drop(call);
+        let calls = self.calls.load(Ordering::Acquire);
         let now = Instant::now();
-        let rtt = now.duration_since(call.sent).as_secs_f64();
+        let rtt = now.duration_since(sent).as_secs_f64();
         if feedback == Feedback::Answered {
             self.metrics.rtt.observe(rtt);
         }
@@ -487,7 +499,7 @@ impl ConcurrencyLimit {
             let Ok(mut c) = c.lock() else {
                 return;
             };
-            c.sample(call.sent, rtt, feedback);
+            c.sample(sent, rtt, feedback);
             c.judge(now, self.limit(), &self.peak, calls)
         };
         if let Some(new) = moved {
