@@ -14,6 +14,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -239,14 +240,17 @@ async fn a_consumer_swap_under_load_loses_and_duplicates_nothing() {
     const LIMITS: [u32; 10] = [40, 8, 64, 12, 30, 6, 50, 16, 40, 10];
     let highest = u64::from(LIMITS.iter().copied().max().unwrap_or_default());
     let sampling = CancellationToken::new();
+    let sampled = Arc::new(AtomicUsize::new(0));
     let sampler = tokio::spawn({
         let mut channel = ConsumerChannel::new(&env.queue, "conveyor", QueueType::Quorum);
         let sampling = sampling.clone();
+        let sampled = sampled.clone();
         async move {
             let mut held = Vec::new();
             while !sampling.is_cancelled() {
                 if let Some((n, _)) = channel.read().await {
                     held.push(n);
+                    sampled.store(held.len(), Ordering::Release);
                 }
             }
             held
@@ -265,12 +269,24 @@ async fn a_consumer_swap_under_load_loses_and_duplicates_nothing() {
     let mut duplicates = Vec::new();
     let mut tags = HashSet::new();
     let mut i = 0u64;
-    while seen.len() < N {
+    // Each sample is a `rabbitmqctl` run, slow on a loaded host: while the
+    // channel has been sampled fewer than 3 times, more is published so
+    // that the swaps go on under load until it has been.
+    let mut total = N;
+    while seen.len() < total || (sampled.load(Ordering::Acquire) < 3 && total < 4 * N) {
+        if seen.len() == total {
+            env.publish_to(
+                &cfg,
+                (total..total + 500).map(|i| format!("m{i}").into_bytes()),
+            )
+            .await;
+            total += 500;
+        }
         let d = tokio::time::timeout(Duration::from_secs(20), deliveries.recv())
             .await
             .unwrap_or_else(|_| {
                 panic!(
-                    "{} of {N} delivered, then nothing for 20 s; {} unacked at the broker",
+                    "{} of {total} delivered, then nothing for 20 s; {} unacked at the broker",
                     seen.len(),
                     metrics.unacked.get()
                 )
@@ -315,7 +331,7 @@ async fn a_consumer_swap_under_load_loses_and_duplicates_nothing() {
         .expect("the source ends cleanly");
     let swaps = metrics.prefetch_swaps.get();
     println!(
-        "{N} delivered once each in {:.1} s across {swaps} consumer swaps; \
+        "{total} delivered once each in {:.1} s across {swaps} consumer swaps; \
          the channel held {held:?}",
         elapsed.as_secs_f64()
     );

@@ -151,6 +151,9 @@ pub struct InProcess {
     task: tokio::task::JoinHandle<anyhow::Result<conveyor::Report>>,
 }
 
+/// How long an in-process daemon may take to stop once told to.
+const STOP_LIMIT: Duration = Duration::from_secs(120);
+
 impl InProcess {
     /// Starts it and waits until it is ready.
     pub async fn start(config: Config) -> Self {
@@ -181,9 +184,15 @@ impl InProcess {
         Self { addr, stop, task }
     }
 
-    /// Drains it and returns its report.
+    /// Drains it and returns its report; a run that has not returned
+    /// within [`STOP_LIMIT`] (well past any drain deadline the tests set)
+    /// fails the test as a hung shutdown.
     pub async fn stop(self) -> conveyor::Report {
         self.stop.send(()).expect("daemon still running");
-        self.task.await.expect("join").expect("run succeeded")
+        tokio::time::timeout(STOP_LIMIT, self.task)
+            .await
+            .unwrap_or_else(|_| panic!("the in-process daemon did not stop within {STOP_LIMIT:?}"))
+            .expect("join")
+            .expect("run succeeded")
     }
 }
