@@ -10,27 +10,19 @@
 //! are judged once per *window*, one mean RTT long, so the limit moves at
 //! most once per round trip however many calls are in flight:
 //!
-//! * **decrease** on evidence from calls sent after the last cut: one of
-//!   them met back-pressure (× [`DECREASE_RATIO`]), or their mean RTT shows
-//!   a queue at the downstream before it starts refusing — it and the
+//! * **decrease** (× [`DECREASE_RATIO`]) on evidence from calls sent after
+//!   the last cut: one of them met back-pressure, or their mean RTT shows a
+//!   queue at the downstream before it starts refusing — it and the
 //!   smoothed RTT both reach `base·(1 + QUEUE_TOLERANCE) + QUEUE_K·σ`,
-//!   `base` being the unloaded RTT. A queue cuts to `limit · base / RTT`,
-//!   what the downstream serves at once by Little's law (a downstream of
-//!   capacity C at `limit` > C answers in `base · limit / C`), but by no
-//!   less than a tenth and no more than a quarter ([`DEEPEST_CUT`]), so one
-//!   stalled window cannot take more. Calls sent before the last cut say
+//!   `base` being the unloaded RTT. Calls sent before the last cut say
 //!   nothing about the new limit: a stall or a burst of errors that every
 //!   call under way met is one event and costs one cut, not one per window
 //!   while its late answers come in;
-//! * **increase** (+1) only on calls sent at the current limit (after it
-//!   last moved) — calls sent at the limit before say nothing about this
-//!   one, and growing on them would climb past the capacity before its
-//!   queue shows, by about one call per window of lag — when the calls
-//!   under way reached the limit in the window (a stage whose calls never
-//!   reach `limit` learns nothing about a higher one; an order that waits
-//!   to be handed on or backs off between attempts holds its slot but
-//!   makes no call) and no call of the window, however old, met
-//!   back-pressure or a queue;
+//! * **increase** (+1) only when the calls under way reached the limit in
+//!   the window (a stage whose calls never reach `limit` learns nothing
+//!   about a higher one; an order that waits to be handed on or backs off
+//!   between attempts holds its slot but makes no call) and no call of the
+//!   window, however old, met back-pressure or a queue;
 //! * **come down to what is used** when no window reached the limit for
 //!   [`UNUSED_FOR`]: to the most calls that were under way at once. A
 //!   limit the calls do not reach says nothing about the downstream; left
@@ -43,10 +35,7 @@
 //! The history is an exponentially weighted mean and variance of the
 //! windows' mean RTTs (weight [`EWMA_ALPHA`] for the newest), updated only
 //! by windows without back-pressure, so an outage's fast errors do not teach
-//! it a short RTT. σ is the deviation of the windows that showed no queue
-//! only: the climb past the capacity and the cut back are the signal, and
-//! counted as noise they would widen the band they are judged by. `base`
-//! is the least smoothed RTT (the mean, not one
+//! it a short RTT. `base` is the least smoothed RTT (the mean, not one
 //! window's: a lucky window must not set the norm) over the last
 //! one or two [`BASE_PERIOD`]s, so a downstream whose latency really rose
 //! is believed after at most two periods (until then the limit is held
@@ -55,24 +44,21 @@
 //! microseconds of scheduling noise as inflation.
 //!
 //! Against a downstream that serves C calls at once with steady latency the
-//! limit saws between about C and 1.25·C: past C the RTT grows by 1/C per
-//! extra call; once it is over the tolerance and σ (≥ 1.15·C with the σ
-//! floor, a call or two later by the time the smoothed RTT shows it), the
-//! queue rule cuts it to about C, where the RTT is the unloaded one again
-//! and the climb restarts, one call per two windows — the downstream is
-//! kept busy with a short queue. A noisy RTT (σ) widens the band by
-//! `QUEUE_K·σ`. `tests` pins it: within ±25 % of C = 48, 12 and 32 from
-//! 2.5 s after each change.
+//! limit saws between about C and 1.1·C: past C the RTT grows by 1/C per
+//! extra call, at 1.1·C the queue rule cuts it to just under C, where the
+//! RTT is the unloaded one again and the climb restarts — the downstream is
+//! kept busy with a queue of at most a tenth of its capacity. A noisy RTT
+//! (σ) widens the band by `QUEUE_K·σ`.
 //!
 //! Constants, and why: α = 0.4 follows the last few windows yet smooths one
 //! odd window (Vector's default); ×0.9 gives up 10 % per round trip, fast
 //! enough to halve in about 7 windows, gentle enough that one 503 does not
 //! cost a third of the throughput; the queue tolerance 0.1 = 1/0.9 − 1
-//! makes the gentlest cut land under the capacity; QUEUE_K = 1 is the
-//! compromise between two failures measured here: a larger multiple
-//! widens the band (QUEUE_K = 2, when σ still counted the sawtooth's
-//! swing, settled at 1.2–1.45·C, 17 for C = 12, on `scripts/bench flow`),
-//! and a smaller one reads a loaded host's scheduling noise as a queue
+//! makes one cut land under the capacity; QUEUE_K = 1 is the compromise
+//! between two failures measured here: σ includes the sawtooth's own
+//! swing, so a larger multiple widens the band with it (QUEUE_K = 2
+//! settled at 1.2–1.45·C, 17 for C = 12, on `scripts/bench flow`), and a
+//! smaller one reads a loaded host's scheduling noise as a queue
 //! (QUEUE_K = 0.5 held a debug build's limit at a median of 7 for C = 12
 //! in `tests/concurrency.rs` run beside other suites). A false cut costs
 //! little — the limit climbs back one call per round trip, and the
@@ -113,8 +99,6 @@ use tokio::time::Instant;
 pub const EWMA_ALPHA: f64 = 0.4;
 /// The factor a window with back-pressure or inflated RTT cuts the limit by.
 pub const DECREASE_RATIO: f64 = 0.9;
-/// The deepest one cut for a queue goes: to three quarters of the limit.
-pub const DEEPEST_CUT: f64 = 0.75;
 /// How many standard deviations above the unloaded RTT (plus its tolerance)
 /// the smoothed RTT must be to count as a queue (see the module doc).
 pub const QUEUE_K: f64 = 1.0;
@@ -213,11 +197,8 @@ struct Controller {
     /// EWMA of every window's mean RTT, failures included: the window's
     /// length.
     span: Option<f64>,
-    /// EWMA of the good windows' mean RTT.
+    /// EWMA of the good windows' mean RTT, and its variance.
     mean: Option<f64>,
-    /// EWMA of the windows' mean RTT that showed no queue, and its
-    /// variance: the unloaded RTT's noise.
-    quiet: Option<f64>,
     var: f64,
     /// The least good-window RTT of this base period and of the last one.
     base_now: Option<f64>,
@@ -226,9 +207,6 @@ struct Controller {
     /// When the limit was last cut for back-pressure or a queue: only calls
     /// sent after it are evidence for the next cut.
     last_cut: Option<Instant>,
-    /// When the limit last moved: only calls sent after it say anything
-    /// about the current limit, and it grows only on them.
-    last_move: Option<Instant>,
     /// Since when no window reached the limit, and the most calls under
     /// way at once since.
     unreached_since: Option<Instant>,
@@ -249,8 +227,6 @@ struct Window {
     /// Answered calls sent after the last cut.
     fresh_sum: f64,
     fresh_n: u32,
-    /// Answered calls sent at the current limit (after its last move).
-    current_n: u32,
     /// Back-pressure on a call sent after the last cut.
     back_pressure: bool,
     /// Back-pressure on any call: the window's RTT is not the norm.
@@ -268,7 +244,6 @@ impl Controller {
     fn sample(&mut self, sent: Instant, rtt: f64, feedback: Feedback) {
         let w = &mut self.window;
         let fresh = self.last_cut.is_none_or(|cut| sent >= cut);
-        let current = self.last_move.is_none_or(|moved| sent >= moved);
         w.all_sum += rtt;
         w.all_n += 1;
         match feedback {
@@ -279,7 +254,6 @@ impl Controller {
                     w.fresh_sum += rtt;
                     w.fresh_n += 1;
                 }
-                w.current_n += u32::from(current);
             }
             Feedback::BackPressure => {
                 w.troubled = true;
@@ -320,20 +294,13 @@ impl Controller {
         if let Some(all) = mean_of(w.all_sum, w.all_n) {
             ewma(&mut self.span, all);
         }
-        // The unloaded RTT's noise before this window.
+        // The RTT's deviation before this window.
         let sigma = self
             .mean
             .map_or(0.0, |m| self.var.sqrt().max(MIN_DEVIATION * m));
-        let threshold = |base: f64| base * (1.0 + QUEUE_TOLERANCE) + QUEUE_K * sigma;
-        let over = self.base().map(threshold);
         if let (false, Some(rtt)) = (w.troubled, current) {
-            ewma(&mut self.mean, rtt);
-            // σ is the noise of windows that show no queue: the climb past
-            // the capacity and the cut back are the signal, not noise.
-            if over.is_none_or(|over| rtt < over) {
-                let diff = ewma(&mut self.quiet, rtt);
-                self.var = (1.0 - EWMA_ALPHA) * (self.var + EWMA_ALPHA * diff * diff);
-            }
+            let diff = ewma(&mut self.mean, rtt);
+            self.var = (1.0 - EWMA_ALPHA) * (self.var + EWMA_ALPHA * diff * diff);
             let period = *self.base_period_start.get_or_insert(now);
             if now.duration_since(period) >= BASE_PERIOD {
                 self.base_last = self.base_now.take();
@@ -350,25 +317,15 @@ impl Controller {
         // smoothed RTT lags and a cut that worked shows at once in the
         // calls sent after it, which must stop the cutting before the mean
         // catches up.
-        let over = self.base().map(threshold);
+        let over = self
+            .base()
+            .map(|base| base * (1.0 + QUEUE_TOLERANCE) + QUEUE_K * sigma);
         let smoothed = self.mean;
         let inflated = |rtt: Option<f64>| match (rtt, smoothed, over) {
             (Some(rtt), Some(mean), Some(over)) => mean >= over && rtt >= over,
             _ => false,
         };
-        // A queue cuts towards the limit the unloaded RTT says the
-        // downstream serves (Little's law: `limit · base / RTT`), by at most
-        // a quarter; back-pressure alone by DECREASE_RATIO.
-        let base = self.base();
-        let cut = |limit: usize, queue: Option<f64>| {
-            let ratio = match (queue, base) {
-                (Some(rtt), Some(base)) if rtt > 0.0 => {
-                    (base / rtt).clamp(DEEPEST_CUT, DECREASE_RATIO)
-                }
-                _ => DECREASE_RATIO,
-            };
-            ((limit as f64 * ratio).floor() as usize).max(self.min)
-        };
+        let cut = |limit: usize| ((limit as f64 * DECREASE_RATIO).floor() as usize).max(self.min);
         let since = if reached {
             self.unreached_since = None;
             self.unreached_peak = 0;
@@ -380,16 +337,10 @@ impl Controller {
         // Cut only on calls sent after the last cut (a stall or a burst of
         // errors that they all met is one event, not one per window); grow
         // only when no call of the window, however old, saw trouble.
-        let queue = fresh.filter(|_| inflated(fresh));
-        let new = if w.back_pressure || queue.is_some() {
+        let new = if w.back_pressure || inflated(fresh) {
             self.last_cut = Some(now);
-            cut(limit, queue)
-        } else if reached
-            && w.current_n > 0
-            && current.is_some()
-            && !w.troubled
-            && !inflated(current)
-        {
+            cut(limit)
+        } else if reached && current.is_some() && !w.troubled && !inflated(current) {
             (limit + 1).min(self.max)
         } else if now.duration_since(since) >= UNUSED_FOR {
             // A limit the calls have not reached for a while says nothing
@@ -403,9 +354,6 @@ impl Controller {
         } else {
             limit
         };
-        if new != limit {
-            self.last_move = Some(now);
-        }
         (new != limit).then_some(new)
     }
 
