@@ -35,8 +35,8 @@ struct Pass {
     /// Messages in the queue when the pass began: the most it looks at.
     budget: u32,
     taken: u32,
-    /// Highest delivery tag taken, for the final requeue.
-    last_tag: Option<u64>,
+    /// Delivery tags taken and not acknowledged, for the final requeue.
+    held: std::collections::BTreeSet<u64>,
 }
 
 impl Pass {
@@ -66,7 +66,7 @@ impl Pass {
             queue,
             budget: q.message_count(),
             taken: 0,
-            last_tag: None,
+            held: std::collections::BTreeSet::new(),
         })
     }
 
@@ -88,7 +88,7 @@ impl Pass {
         let d = got.delivery;
         let position = format!("#{}", self.taken);
         self.taken += 1;
-        self.last_tag = Some(d.delivery_tag);
+        self.held.insert(d.delivery_tag);
         let headers: BTreeMap<String, String> = d
             .properties
             .headers()
@@ -110,16 +110,21 @@ impl Pass {
         Ok(Some((d.delivery_tag, msg, d.properties)))
     }
 
-    async fn ack(&self, tag: u64) -> anyhow::Result<()> {
+    async fn ack(&mut self, tag: u64) -> anyhow::Result<()> {
         self.channel
             .basic_ack(tag, BasicAckOptions { multiple: false })
             .await
-            .context("acknowledging on the dead-letter queue")
+            .context("acknowledging on the dead-letter queue")?;
+        self.held.remove(&tag);
+        Ok(())
     }
 
-    /// Puts back every message still held, in place, and closes.
+    /// Puts back every message still held, in place, and closes. The
+    /// requeue names the highest tag still held: naming one already
+    /// acknowledged (the last message of a purge or a replay) is a channel
+    /// error, `unknown delivery tag`.
     async fn finish(self) -> anyhow::Result<()> {
-        if let Some(tag) = self.last_tag {
+        if let Some(&tag) = self.held.last() {
             self.channel
                 .basic_nack(
                     tag,
@@ -131,8 +136,14 @@ impl Pass {
                 .await
                 .context("requeueing the dead letters looked at")?;
         }
-        self.channel.close(200, "done".into()).await.ok();
-        self.connection.close(200, "done".into()).await.ok();
+        // Bounded: a close the broker does not answer must not hold the
+        // command, whose work is done (the broker requeues what is held
+        // when the connection drops).
+        let close = async {
+            self.channel.close(200, "done".into()).await.ok();
+            self.connection.close(200, "done".into()).await.ok();
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), close).await;
         Ok(())
     }
 }
