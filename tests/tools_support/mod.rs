@@ -433,9 +433,9 @@ const CLI_LIMIT: Duration = Duration::from_secs(180);
 
 /// Runs a `conveyor` subcommand to its end: (exit code, stdout, stderr).
 /// One that is still running after [`CLI_LIMIT`] is killed and the test
-/// fails naming it, with what it printed so far.
+/// fails naming it, with what it printed.
 pub fn run_cli(args: &[&str], env: &[(String, String)]) -> (Option<i32>, String, String) {
-    let mut child = Command::new(binary())
+    let child = Command::new(binary())
         .args(args)
         .envs(env.iter().cloned())
         .env_remove("RUST_LOG")
@@ -445,38 +445,22 @@ pub fn run_cli(args: &[&str], env: &[(String, String)]) -> (Option<i32>, String,
         .stderr(Stdio::piped())
         .spawn()
         .expect("run conveyor");
-    // Read both pipes on threads, so a chatty child never blocks on a
-    // full pipe while it is waited for.
-    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut out = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut out);
-            }
-            String::from_utf8_lossy(&out).into_owned()
-        })
-    };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = Instant::now() + CLI_LIMIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for conveyor") {
-            break status;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("a pid"));
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        let hung = finished.recv_timeout(CLI_LIMIT).is_err();
+        if hung {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "conveyor {args:?} still running after {CLI_LIMIT:?}: killed\nstdout:\n{}\nstderr:\n{}",
-                stdout.join().unwrap_or_default(),
-                stderr.join().unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (
-        status.code(),
-        stdout.join().unwrap_or_default(),
-        stderr.join().unwrap_or_default(),
-    )
+        hung
+    });
+    let out = child.wait_with_output().expect("wait for conveyor");
+    let _ = done.send(());
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !watchdog.join().expect("the watchdog"),
+        "conveyor {args:?} still running after {CLI_LIMIT:?}: killed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    (out.status.code(), stdout, stderr)
 }
