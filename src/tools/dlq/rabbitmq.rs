@@ -27,6 +27,10 @@ fn text(v: &AMQPValue) -> String {
     }
 }
 
+/// How long closing the channel and connection may take at the end of a
+/// pass.
+const CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A pass over the queue on one channel.
 struct Pass {
     connection: Connection,
@@ -143,7 +147,7 @@ impl Pass {
             self.channel.close(200, "done".into()).await.ok();
             self.connection.close(200, "done".into()).await.ok();
         };
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), close).await;
+        let _ = tokio::time::timeout(CLOSE_LIMIT, close).await;
         Ok(())
     }
 }
