@@ -35,13 +35,27 @@
 //! The history is an exponentially weighted mean and variance of the
 //! windows' mean RTTs (weight [`EWMA_ALPHA`] for the newest), updated only
 //! by windows without back-pressure, so an outage's fast errors do not teach
-//! it a short RTT. `base` is the least smoothed RTT (the mean, not one
-//! window's: a lucky window must not set the norm) over the last
-//! one or two [`BASE_PERIOD`]s, so a downstream whose latency really rose
-//! is believed after at most two periods (until then the limit is held
-//! low, the safe side). σ has a floor of [`MIN_DEVIATION`] of the mean: a
-//! downstream with perfectly steady latency would otherwise treat a few
-//! microseconds of scheduling noise as inflation.
+//! it a short RTT. `base`, the unloaded RTT, is measured by a **probe**
+//! every [`BASE_PERIOD`] (as Netflix's Vegas limit and BBR's ProbeRTT do):
+//! the limit is held at [`PROBE_RATIO`] of itself until [`PROBE_WINDOWS`]
+//! windows have answered calls sent at it, their mean RTT becomes `base`,
+//! and the limit goes back to where it was; a lower smoothed RTT seen
+//! since lowers it at once. A base taken as the least RTT of recent
+//! windows instead creeps: with σ in the threshold, the saw's low point
+//! still carries a small queue, each period's least RTT is a few per cent
+//! above the last, and the limit rose with it without bound (to 2.5·C in
+//! two minutes in the paused-time model; `tests` pins that it does not).
+//! The probe sits a fifth under the saw, below the capacity, so it sees the
+//! downstream unloaded; and when the RTT rose for a reason a cut does not
+//! cure — a client host slowed by its own load, a downstream that really
+//! got slower — the probe sees that too and it is believed within one
+//! period, instead of holding the limit low for as long as an old minimum
+//! is remembered. Limits under [`PROBE_LEAST`] are not probed: one call is
+//! a fifth of them, and the queue rule's cut lands at the capacity by
+//! itself. A probe costs a fifth of the calls for about three round trips
+//! every period (well under 1 %). σ has a floor of [`MIN_DEVIATION`] of
+//! the mean: a downstream with perfectly steady latency would otherwise
+//! treat a few microseconds of scheduling noise as inflation.
 //!
 //! Against a downstream that serves C calls at once with steady latency the
 //! limit saws between about C and 1.1·C: past C the RTT grows by 1/C per
@@ -109,9 +123,17 @@ pub const MIN_DEVIATION: f64 = 0.05;
 /// just over it lands just under the capacity, where the RTT shows the
 /// unloaded value again.
 pub const QUEUE_TOLERANCE: f64 = 0.1;
-/// The unloaded RTT is the least of the last one or two periods this long,
-/// so a downstream whose latency really rose is believed within 10–20 s.
-pub const BASE_PERIOD: Duration = Duration::from_secs(10);
+/// How often the unloaded RTT is measured again by a probe, so a
+/// downstream (or a client host) whose latency really rose is believed
+/// within this long.
+pub const BASE_PERIOD: Duration = Duration::from_secs(2);
+/// A probe holds the limit at this share of itself.
+pub const PROBE_RATIO: f64 = 0.8;
+/// How many windows of calls sent at the probe's limit it measures.
+pub const PROBE_WINDOWS: u32 = 2;
+/// The least limit probed: below it one call is a fifth of the limit or
+/// more, and the queue rule's cut lands at the capacity by itself.
+pub const PROBE_LEAST: usize = 5;
 /// How long the calls must stay under the limit before it is brought down
 /// to the most of them under way at once: longer than the pauses of an
 /// intake that waits on the broker or on a commit, which are not a drop in
@@ -200,10 +222,12 @@ struct Controller {
     /// EWMA of the good windows' mean RTT, and its variance.
     mean: Option<f64>,
     var: f64,
-    /// The least good-window RTT of this base period and of the last one.
-    base_now: Option<f64>,
-    base_last: Option<f64>,
-    base_period_start: Option<Instant>,
+    /// The RTT the latest probe measured, and the least smoothed RTT since.
+    base_probe: Option<f64>,
+    base_since: Option<f64>,
+    /// When the next probe is due; the one under way.
+    next_probe: Option<Instant>,
+    probe: Option<Probe>,
     /// When the limit was last cut for back-pressure or a queue: only calls
     /// sent after it are evidence for the next cut.
     last_cut: Option<Instant>,
@@ -212,6 +236,16 @@ struct Controller {
     unreached_since: Option<Instant>,
     unreached_peak: usize,
     window: Window,
+}
+
+/// A probe under way: the limit held at [`PROBE_RATIO`] of `resume` until
+/// [`PROBE_WINDOWS`] windows have answered calls sent at it.
+#[derive(Debug)]
+struct Probe {
+    resume: usize,
+    sum: f64,
+    n: u32,
+    windows: u32,
 }
 
 /// What one window saw.
@@ -301,14 +335,49 @@ impl Controller {
         if let (false, Some(rtt)) = (w.troubled, current) {
             let diff = ewma(&mut self.mean, rtt);
             self.var = (1.0 - EWMA_ALPHA) * (self.var + EWMA_ALPHA * diff * diff);
-            let period = *self.base_period_start.get_or_insert(now);
-            if now.duration_since(period) >= BASE_PERIOD {
-                self.base_last = self.base_now.take();
-                self.base_period_start = Some(now);
-            }
             if let Some(smoothed) = self.mean {
-                self.base_now = Some(self.base_now.map_or(smoothed, |b| b.min(smoothed)));
+                self.base_since = Some(self.base_since.map_or(smoothed, |b| b.min(smoothed)));
             }
+        }
+        let next_probe = *self.next_probe.get_or_insert(now + BASE_PERIOD);
+        if let Some(mut probe) = self.probe.take() {
+            if w.back_pressure {
+                // The downstream pushes back even at the probe's limit: cut
+                // from there, and measure again a period later.
+                self.last_cut = Some(now);
+                self.next_probe = Some(now + BASE_PERIOD);
+                let new = ((limit as f64 * DECREASE_RATIO).floor() as usize).max(self.min);
+                return (new != limit).then_some(new);
+            }
+            if w.fresh_n > 0 {
+                probe.sum += w.fresh_sum;
+                probe.n += w.fresh_n;
+                probe.windows += 1;
+            }
+            if probe.windows < PROBE_WINDOWS {
+                self.probe = Some(probe);
+                return None;
+            }
+            self.base_probe = Some(probe.sum / f64::from(probe.n.max(1)));
+            self.base_since = None;
+            self.next_probe = Some(now + BASE_PERIOD);
+            self.unreached_since = None;
+            self.unreached_peak = 0;
+            let new = probe.resume.clamp(self.min, self.max);
+            return (new != limit).then_some(new);
+        }
+        if now >= next_probe && reached && limit >= PROBE_LEAST {
+            // Calls sent from now on are the probe's: they go out only as
+            // the calls under way fall under its limit.
+            self.last_cut = Some(now);
+            self.probe = Some(Probe {
+                resume: limit,
+                sum: 0.0,
+                n: 0,
+                windows: 0,
+            });
+            let new = ((limit as f64 * PROBE_RATIO).floor() as usize).max(self.min);
+            return (new != limit).then_some(new);
         }
         // Calls show a queue when their mean RTT and the smoothed one are
         // both above the unloaded RTT by the tolerance: judged on the
@@ -357,10 +426,10 @@ impl Controller {
         (new != limit).then_some(new)
     }
 
-    /// The unloaded RTT: the least good-window RTT of the last one or two
-    /// base periods.
+    /// The unloaded RTT: what the latest probe measured, or less if a
+    /// window since showed less.
     fn base(&self) -> Option<f64> {
-        match (self.base_now, self.base_last) {
+        match (self.base_probe, self.base_since) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }

@@ -27,6 +27,10 @@ fn adaptive(initial: usize, min: usize, max: usize) -> Arc<ConcurrencyLimit> {
 struct Model {
     latency: Duration,
     capacity: Arc<AtomicUsize>,
+    /// Added to every call's RTT per call in flight: a busy client host
+    /// (its scheduler, its sockets) rather than a queue at the downstream,
+    /// so more calls still get more done.
+    host_per_call: Duration,
     /// Calls answered 503 while this is set.
     failing: Arc<AtomicBool>,
 }
@@ -57,7 +61,8 @@ async fn drive(
                 let cap = model.capacity.load(Ordering::Acquire).max(1);
                 let rtt = model
                     .latency
-                    .mul_f64((in_flight as f64 / cap as f64).max(1.0));
+                    .mul_f64((in_flight as f64 / cap as f64).max(1.0))
+                    + model.host_per_call * in_flight as u32;
                 tokio::time::sleep(rtt).await;
                 let feedback = if model.failing.load(Ordering::Acquire) {
                     Feedback::BackPressure
@@ -86,6 +91,7 @@ fn model(latency_ms: u64, capacity: usize) -> Model {
     Model {
         latency: Duration::from_millis(latency_ms),
         capacity: Arc::new(AtomicUsize::new(capacity)),
+        host_per_call: Duration::ZERO,
         failing: Arc::new(AtomicBool::new(false)),
     }
 }
@@ -258,4 +264,51 @@ fn bad_bounds_are_named() {
     assert_eq!(cfg(300, 1, 256).problem().map(|p| p.0), Some("initial"));
     assert_eq!(cfg(8, 1, 0).problem().map(|p| p.0), Some("max"));
     assert_eq!(cfg(8, 9, 8).problem().map(|p| p.0), Some("min"));
+}
+
+/// The median and the largest of each `slice`-long run of 100 ms samples.
+fn slices(samples: &[usize], slice: Duration) -> Vec<(usize, usize)> {
+    let per = (slice.as_millis() / 100) as usize;
+    samples
+        .chunks(per)
+        .filter(|c| c.len() == per)
+        .map(|c| {
+            let mut c = c.to_vec();
+            c.sort_unstable();
+            (c[c.len() / 2], c[c.len() - 1])
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queue_at_the_downstream_does_not_creep_the_limit_up() {
+    // Two minutes against a steady downstream of capacity 12: the saw's
+    // low point carries a small queue, and a base taken from it would rise
+    // a few per cent per period and take the limit with it (it reached 30
+    // in two minutes before the probe measured the base).
+    let limit = adaptive(8, 1, 500);
+    let (_, samples) = drive(limit.clone(), model(10, 12), 500, Duration::from_secs(120)).await;
+    let slices = slices(&samples, Duration::from_secs(20));
+    assert_eq!(slices.len(), 6, "{samples:?}");
+    for (median, max) in &slices {
+        assert!((9..=15).contains(median), "{slices:?}");
+        assert!(*max <= 18, "{slices:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_host_that_slows_with_its_own_load_is_believed_within_a_few_probes() {
+    // Capacity 48, but every call in flight adds 0.12 ms at the client (a
+    // busy host): 48 calls take 15.8 ms, 32 take 13.8 ms — more calls still
+    // get more done. The probe at four fifths of the limit shows that RTT
+    // is the host's, not a queue, and the limit climbs to the capacity.
+    let limit = adaptive(8, 1, 500);
+    let mut m = model(10, 48);
+    m.host_per_call = Duration::from_micros(120);
+    drive(limit.clone(), m.clone(), 500, BASE_PERIOD * 5).await;
+    let (_, samples) = drive(limit.clone(), m, 500, Duration::from_secs(10)).await;
+    let slices = slices(&samples, Duration::from_secs(10));
+    let (median, max) = slices[0];
+    assert!((40..=60).contains(&median), "{samples:?}");
+    assert!(max <= 72, "{samples:?}");
 }
