@@ -342,31 +342,29 @@ impl Controller {
         let next_probe = *self.next_probe.get_or_insert(now + BASE_PERIOD);
         if let Some(mut probe) = self.probe.take() {
             if w.back_pressure {
-                // The downstream pushes back even at the probe's limit: cut
-                // from there, and measure again a period later.
-                self.last_cut = Some(now);
+                // The downstream pushes back even at the probe's limit: the
+                // probe ends, the back-pressure rule below cuts from there,
+                // and it measures again a period later.
                 self.next_probe = Some(now + BASE_PERIOD);
-                let new = ((limit as f64 * DECREASE_RATIO).floor() as usize).max(self.min);
+            } else {
+                if w.fresh_n > 0 {
+                    probe.sum += w.fresh_sum;
+                    probe.n += w.fresh_n;
+                    probe.windows += 1;
+                }
+                if probe.windows < PROBE_WINDOWS {
+                    self.probe = Some(probe);
+                    return None;
+                }
+                self.base_probe = Some(probe.sum / f64::from(probe.n.max(1)));
+                self.base_since = None;
+                self.next_probe = Some(now + BASE_PERIOD);
+                self.unreached_since = None;
+                self.unreached_peak = 0;
+                let new = probe.resume.clamp(self.min, self.max);
                 return (new != limit).then_some(new);
             }
-            if w.fresh_n > 0 {
-                probe.sum += w.fresh_sum;
-                probe.n += w.fresh_n;
-                probe.windows += 1;
-            }
-            if probe.windows < PROBE_WINDOWS {
-                self.probe = Some(probe);
-                return None;
-            }
-            self.base_probe = Some(probe.sum / f64::from(probe.n.max(1)));
-            self.base_since = None;
-            self.next_probe = Some(now + BASE_PERIOD);
-            self.unreached_since = None;
-            self.unreached_peak = 0;
-            let new = probe.resume.clamp(self.min, self.max);
-            return (new != limit).then_some(new);
-        }
-        if now >= next_probe && reached && limit >= PROBE_LEAST {
+        } else if now >= next_probe && reached && limit >= PROBE_LEAST {
             // Calls sent from now on are the probe's: they go out only as
             // the calls under way fall under its limit.
             self.last_cut = Some(now);
@@ -376,7 +374,7 @@ impl Controller {
                 n: 0,
                 windows: 0,
             });
-            let new = ((limit as f64 * PROBE_RATIO).floor() as usize).max(self.min);
+            let new = self.scaled(limit, PROBE_RATIO);
             return (new != limit).then_some(new);
         }
         // Calls show a queue when their mean RTT and the smoothed one are
@@ -394,7 +392,6 @@ impl Controller {
             (Some(rtt), Some(mean), Some(over)) => mean >= over && rtt >= over,
             _ => false,
         };
-        let cut = |limit: usize| ((limit as f64 * DECREASE_RATIO).floor() as usize).max(self.min);
         let since = if reached {
             self.unreached_since = None;
             self.unreached_peak = 0;
@@ -408,7 +405,7 @@ impl Controller {
         // only when no call of the window, however old, saw trouble.
         let new = if w.back_pressure || inflated(fresh) {
             self.last_cut = Some(now);
-            cut(limit)
+            self.scaled(limit, DECREASE_RATIO)
         } else if reached && current.is_some() && !w.troubled && !inflated(current) {
             (limit + 1).min(self.max)
         } else if now.duration_since(since) >= UNUSED_FOR {
@@ -424,6 +421,11 @@ impl Controller {
             limit
         };
         (new != limit).then_some(new)
+    }
+
+    /// `limit` scaled down by `ratio`, not under the floor.
+    fn scaled(&self, limit: usize, ratio: f64) -> usize {
+        ((limit as f64 * ratio).floor() as usize).max(self.min)
     }
 
     /// The unloaded RTT: what the latest probe measured, or less if a
