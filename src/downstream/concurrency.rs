@@ -4,81 +4,94 @@
 //!
 //! # The adaptive controller
 //!
-//! An AIMD loop in the spirit of Vector's adaptive request concurrency.
-//! Every call reports its round-trip time (RTT); a transient failure
-//! (timeout, transport error, 429, 5xx) reports back-pressure. The calls
-//! are judged once per *window*, one mean RTT long, so the limit moves at
-//! most once per round trip however many calls are in flight:
+//! An AIMD loop in the spirit of Vector's adaptive request concurrency,
+//! with a hold band and a probed base as in TCP Vegas and Netflix's
+//! concurrency limits. Every call reports its round-trip time (RTT); a
+//! transient failure (timeout, transport error, 429, 5xx) reports
+//! back-pressure. The calls are judged once per *window*, one mean RTT
+//! long, so the limit moves at most once per round trip however many calls
+//! are in flight. With `base` the unloaded RTT and σ the deviation of the
+//! smoothed RTT:
 //!
 //! * **decrease** (× [`DECREASE_RATIO`]) on evidence from calls sent after
-//!   the last cut: one of them met back-pressure, or their mean RTT shows a
-//!   queue at the downstream before it starts refusing — it and the
-//!   smoothed RTT both reach `base·(1 + QUEUE_TOLERANCE) + QUEUE_K·σ`,
-//!   `base` being the unloaded RTT. Calls sent before the last cut say
-//!   nothing about the new limit: a stall or a burst of errors that every
-//!   call under way met is one event and costs one cut, not one per window
-//!   while its late answers come in;
-//! * **increase** (+1) only when the calls under way reached the limit in
-//!   the window (a stage whose calls never reach `limit` learns nothing
-//!   about a higher one; an order that waits to be handed on or backs off
-//!   between attempts holds its slot but makes no call) and no call of the
-//!   window, however old, met back-pressure or a queue;
+//!   the last cut: one of them met back-pressure, or they show a queue at
+//!   the downstream before it starts refusing — their mean RTT and the
+//!   smoothed RTT both reach the **queue mark**
+//!   `base·(1 + QUEUE_TOLERANCE) + QUEUE_K·σ`. Calls sent before the last
+//!   cut say nothing about the new limit: a stall that every call under
+//!   way met is one event and costs one cut, not one per window while its
+//!   late answers come in;
+//! * **increase** (+1) when the window *reached* the limit — the most calls
+//!   under way at once touched it and the calls kept at least
+//!   [`REACHED_SHARE`] of it under way on average (Little's law again: the
+//!   window's summed RTT over its length), so a limit only a burst's peak
+//!   touches does not grow — no call of the window met back-pressure, and
+//!   the smoothed RTT is under the **busy** mark `base·(1 +
+//!   QUEUE_TOLERANCE / 2) + QUEUE_K·σ`;
+//! * **hold** between the busy mark and the queue: the downstream is kept
+//!   busy with a queue of a few per cent of its capacity, and the limit
+//!   stops there instead of climbing until the queue rule cuts it. That
+//!   band is what keeps the limit near the capacity: without it the limit
+//!   saws between C and the queue mark plus the smoothed RTT's lag of two
+//!   windows (1.2·C for C = 48 on `scripts/bench flow`);
 //! * **come down to what is used** when no window reached the limit for
-//!   [`UNUSED_FOR`]: to the most calls that were under way at once. A
-//!   limit the calls do not reach says nothing about the downstream; left
-//!   high it lets a burst overrun a downstream that shrank meanwhile, and
-//!   it inflates the prefetch that follows the limits
-//!   (`source::prefetch`). The same burst again reaches the limit, which
-//!   then grows from there;
-//! * else hold. The limit stays within `min..=max`.
+//!   [`UNUSED_FOR`]: to one more than the calls kept under way on average
+//!   (never above the most under way at once). A limit the calls do not
+//!   reach says nothing about the downstream; left high it lets a burst
+//!   overrun a downstream that shrank meanwhile, and it inflates the
+//!   prefetch that follows the limits (`source::prefetch`). The limit
+//!   stays within `min..=max`.
 //!
-//! The history is an exponentially weighted mean and variance of the
-//! windows' mean RTTs (weight [`EWMA_ALPHA`] for the newest), updated only
-//! by windows without back-pressure, so an outage's fast errors do not teach
-//! it a short RTT. `base`, the unloaded RTT, is measured by a **probe**
-//! every [`BASE_PERIOD`] (as Netflix's Vegas limit and BBR's ProbeRTT do):
-//! the limit is held at [`PROBE_RATIO`] of itself until [`PROBE_WINDOWS`]
-//! windows have answered calls sent at it, their mean RTT becomes `base`,
-//! and the limit goes back to where it was; a lower smoothed RTT seen
-//! since lowers it at once. A base taken as the least RTT of recent
-//! windows instead creeps: with σ in the threshold, the saw's low point
-//! still carries a small queue, each period's least RTT is a few per cent
-//! above the last, and the limit rose with it without bound (to 2.5·C in
-//! two minutes in the paused-time model; `tests` pins that it does not).
-//! The probe sits a fifth under the saw, below the capacity, so it sees the
-//! downstream unloaded; and when the RTT rose for a reason a cut does not
-//! cure — a client host slowed by its own load, a downstream that really
-//! got slower — the probe sees that too and it is believed within one
-//! period, instead of holding the limit low for as long as an old minimum
-//! is remembered. Limits under [`PROBE_LEAST`] are not probed: one call is
-//! a fifth of them, and the queue rule's cut lands at the capacity by
-//! itself. A probe costs a fifth of the calls for about three round trips
-//! every period (well under 1 %). σ has a floor of [`MIN_DEVIATION`] of
-//! the mean: a downstream with perfectly steady latency would otherwise
-//! treat a few microseconds of scheduling noise as inflation.
+//! The smoothed RTT is an exponentially weighted mean of the windows' mean
+//! RTTs (weight [`EWMA_ALPHA`] for the newest), updated only by windows
+//! without back-pressure, so an outage's fast errors do not teach it a
+//! short RTT. σ is taken from the windows' **second differences**
+//! (`x₃ − 2x₂ + x₁` has variance 6σ² for noise of deviation σ, and none for
+//! a steady climb): the RTT's own rise while the limit climbs one call per
+//! window is not noise, and counting it as noise (as a plain variance
+//! does) widened both marks with the climb — the limit saw went higher, σ
+//! with it. A jump of the limit starts the differences afresh. The rules
+//! read the smoothed RTT, whose deviation is √(α / (2 − α)) = ½ of a
+//! window's.
 //!
-//! Against a downstream that serves C calls at once with steady latency the
-//! limit saws between about C and 1.1·C: past C the RTT grows by 1/C per
-//! extra call, at 1.1·C the queue rule cuts it to just under C, where the
-//! RTT is the unloaded one again and the climb restarts — the downstream is
-//! kept busy with a queue of at most a tenth of its capacity. A noisy RTT
-//! (σ) widens the band by `QUEUE_K·σ`.
+//! `base` is measured by a **probe** every [`BASE_PERIOD`] (as Netflix's
+//! Vegas limit and BBR's ProbeRTT do): the limit is held at [`PROBE_RATIO`]
+//! of itself (at least one call less) until [`PROBE_WINDOWS`] windows have
+//! answered calls sent at it. The probe's RTT is **believed** if it is
+//! under the base, or if it did not fall with the limit by even half the
+//! probe's ratio; then it becomes the base and the limit goes back to
+//! where it was. Calls that queue at the downstream take time in
+//! proportion to their number, so a probe that still queues (just after
+//! the capacity fell) sees the RTT fall with the limit and is not
+//! believed — the base stays, and so does the probe's limit, which the
+//! rules move from the next window on (a cut at once would compound with
+//! the probe's); while a downstream or a client host that really got slower is
+//! as slow at the lower limit, and is believed within one period. A
+//! probe at the floor is believed: it cannot go lower. The base is the
+//! probe's alone: the least smoothed RTT of recent windows is biased low by
+//! noise, and a base that is low reads every ordinary window as a queue
+//! (the limit sank to the floor in the noisy paused-time model); a base
+//! taken from the saw's low point creeps up instead (the limit rose to
+//! 2.5·C in two minutes; `tests` pins that it does not). A probe costs a
+//! fifth of the calls for about three round trips every period (under 1 %).
 //!
 //! Constants, and why: α = 0.4 follows the last few windows yet smooths one
 //! odd window (Vector's default); ×0.9 gives up 10 % per round trip, fast
-//! enough to halve in about 7 windows, gentle enough that one 503 does not
-//! cost a third of the throughput; the queue tolerance 0.1 = 1/0.9 − 1
-//! makes one cut land under the capacity; QUEUE_K = 1 is the compromise
-//! between two failures measured here: σ includes the sawtooth's own
-//! swing, so a larger multiple widens the band with it (QUEUE_K = 2
-//! settled at 1.2–1.45·C, 17 for C = 12, on `scripts/bench flow`), and a
-//! smaller one reads a loaded host's scheduling noise as a queue
-//! (QUEUE_K = 0.5 held a debug build's limit at a median of 7 for C = 12
-//! in `tests/concurrency.rs` run beside other suites). A false cut costs
-//! little — the limit climbs back one call per round trip, and the
-//! fresh-evidence rule keeps false cuts from cascading. There is no separate "sudden rise" rule
-//! (`RTT ≥ mean + k·σ`, Vector's): measured on a busy two-core host it
-//! fired on scheduling noise and let the limit sink to 20–30 for C = 32; a real rise reaches the smoothed RTT within two
+//! enough to halve in about 7 windows, gentle enough that one 503 or one
+//! window slowed by the host's own scheduling does not cost a third of the
+//! throughput (a cut to `limit · base / RTT`, Little's law, was tried: it
+//! lands at the capacity, but on a busy host two noisy windows took the
+//! limit to 0.4·C and the throughput with it); the queue tolerance 0.1 and
+//! the busy mark at half of it hold the limit where the RTT is 5–10 %
+//! over the unloaded one, i.e. 1.05–1.1·C, well inside ±25 % for C ≥ 10
+//! where one call is a tenth; QUEUE_K = 1 of the smoothed RTT's σ keeps a
+//! loaded host's noise from reading as a queue. The price of reading RTT:
+//! a client whose own RTT grows with its load (a CPU-bound host) is held
+//! where a fifth more calls cost the busy mark's few per cent more RTT
+//! (`tests`: past 40 of 48 when 48 calls take 1.6 times one). There is no separate
+//! "sudden rise" rule (`RTT ≥ mean + k·σ`, Vector's): measured on a busy
+//! two-core host it fired on scheduling noise and let the limit sink to
+//! 20–30 for C = 32; a real rise reaches the smoothed RTT within two
 //! windows, and a downstream that sheds load answers 503 at once.
 //!
 //! # Why not a crate
@@ -113,32 +126,31 @@ use tokio::time::Instant;
 pub const EWMA_ALPHA: f64 = 0.4;
 /// The factor a window with back-pressure or inflated RTT cuts the limit by.
 pub const DECREASE_RATIO: f64 = 0.9;
-/// How many standard deviations above the unloaded RTT (plus its tolerance)
-/// the smoothed RTT must be to count as a queue (see the module doc).
+/// How many deviations of the smoothed RTT the busy and queue marks add
+/// for noise (see the module doc).
 pub const QUEUE_K: f64 = 1.0;
-/// The least σ counted, as a share of the mean RTT.
-pub const MIN_DEVIATION: f64 = 0.05;
-/// How far above the unloaded RTT a window's RTT may be before it counts
-/// as a queue building at the downstream: 1/0.9 − 1, so that one cut from
-/// just over it lands just under the capacity, where the RTT shows the
-/// unloaded value again.
+/// How far above the unloaded RTT the smoothed RTT may be before it counts
+/// as a queue building at the downstream; at half of it the limit stops
+/// growing (the busy mark).
 pub const QUEUE_TOLERANCE: f64 = 0.1;
 /// How often the unloaded RTT is measured again by a probe, so a
 /// downstream (or a client host) whose latency really rose is believed
 /// within this long.
 pub const BASE_PERIOD: Duration = Duration::from_secs(2);
+/// How many windows after a cut a due probe waits.
+pub const PROBE_AFTER_CUT: u32 = 4;
 /// A probe holds the limit at this share of itself.
 pub const PROBE_RATIO: f64 = 0.8;
 /// How many windows of calls sent at the probe's limit it measures.
 pub const PROBE_WINDOWS: u32 = 2;
-/// The least limit probed: below it one call is a fifth of the limit or
-/// more, and the queue rule's cut lands at the capacity by itself.
-pub const PROBE_LEAST: usize = 5;
 /// How long the calls must stay under the limit before it is brought down
 /// to the most of them under way at once: longer than the pauses of an
 /// intake that waits on the broker or on a commit, which are not a drop in
 /// demand.
 pub const UNUSED_FOR: Duration = Duration::from_secs(1);
+/// The share of the limit the calls must keep under way on average over a
+/// window for it to count as reached.
+pub const REACHED_SHARE: f64 = 0.95;
 /// The shortest window: a downstream answering in microseconds is judged
 /// at most a thousand times a second.
 pub const MIN_WINDOW: Duration = Duration::from_millis(1);
@@ -219,10 +231,15 @@ struct Controller {
     /// EWMA of every window's mean RTT, failures included: the window's
     /// length.
     span: Option<f64>,
+    /// EWMA of the calls under way on average over each window.
+    busy: Option<f64>,
     /// EWMA of the good windows' mean RTT, and its variance.
     mean: Option<f64>,
     var: f64,
-    /// The RTT the latest probe measured, and the least smoothed RTT since.
+    /// The last two good windows' mean RTT since the limit last jumped.
+    recent: [Option<f64>; 2],
+    /// The RTT the latest believed probe measured; until one is, the least
+    /// smoothed RTT.
     base_probe: Option<f64>,
     base_since: Option<f64>,
     /// When the next probe is due; the one under way.
@@ -243,9 +260,32 @@ struct Controller {
 #[derive(Debug)]
 struct Probe {
     resume: usize,
+    /// The probe's limit as a share of `resume`.
+    ratio: f64,
+    /// The smoothed RTT at `resume` when the probe began.
+    before: Option<f64>,
     sum: f64,
     n: u32,
     windows: u32,
+}
+
+impl Probe {
+    /// Whether `rtt`, measured at the probe's limit, is the unloaded RTT: it
+    /// is if it is less than the base, or if it did not fall with the limit
+    /// by even half as much — calls that queue at the downstream take time
+    /// in proportion to how many there are, so a probe that still queues
+    /// sees the RTT fall by the probe's ratio, while a downstream or a host
+    /// that really got slower is as slow at the lower limit.
+    fn believed(&self, rtt: f64, base: Option<f64>) -> bool {
+        // A probe at the floor cannot go lower: what it sees is the best
+        // there is.
+        let floor = self.ratio >= 1.0;
+        let lower = base.is_none_or(|base| rtt <= base);
+        let steady = self
+            .before
+            .is_none_or(|before| rtt >= before * (1.0 + self.ratio) / 2.0);
+        floor || lower || steady
+    }
 }
 
 /// What one window saw.
@@ -267,11 +307,9 @@ struct Window {
     troubled: bool,
 }
 
-fn ewma(avg: &mut Option<f64>, x: f64) -> f64 {
+fn ewma(avg: &mut Option<f64>, x: f64) {
     let prev = avg.unwrap_or(x);
-    let diff = x - prev;
-    *avg = Some(prev + EWMA_ALPHA * diff);
-    diff
+    *avg = Some(prev + EWMA_ALPHA * (x - prev));
 }
 
 impl Controller {
@@ -305,6 +343,22 @@ impl Controller {
         peak: &AtomicUsize,
         calls: usize,
     ) -> Option<usize> {
+        let moved = self.decide(now, limit, peak, calls);
+        if moved.is_some_and(|new| new < limit || new > limit + 1) {
+            // A jump is not noise: the next windows' differences start
+            // from it.
+            self.recent = [None, None];
+        }
+        moved
+    }
+
+    fn decide(
+        &mut self,
+        now: Instant,
+        limit: usize,
+        peak: &AtomicUsize,
+        calls: usize,
+    ) -> Option<usize> {
         let start = *self.window.start.get_or_insert(now);
         // Before any window closed, the first answers' RTT is the length.
         let first = self.window.all_sum / f64::from(self.window.all_n.max(1));
@@ -314,7 +368,6 @@ impl Controller {
             return None;
         }
         let peak = peak.swap(calls, Ordering::AcqRel);
-        let reached = peak >= limit;
         let w = std::mem::replace(
             &mut self.window,
             Window {
@@ -322,6 +375,15 @@ impl Controller {
                 ..Window::default()
             },
         );
+        // The calls under way on average over the window (Little's law): a
+        // limit that only a burst's peak reached is not one the downstream
+        // was worked at.
+        let busy = w.all_sum / elapsed.as_secs_f64().max(f64::EPSILON);
+        ewma(&mut self.busy, busy);
+        let worked = self.busy.unwrap_or(busy);
+        // Within a call of the share: a window that grew the limit by one
+        // shows the calls of the limit before.
+        let reached = peak >= limit && worked + 1.0 >= REACHED_SHARE * limit as f64;
         let mean_of = |sum: f64, n: u32| (n > 0).then(|| sum / f64::from(n));
         let current = mean_of(w.rtt_sum, w.rtt_n);
         let fresh = mean_of(w.fresh_sum, w.fresh_n);
@@ -329,12 +391,19 @@ impl Controller {
             ewma(&mut self.span, all);
         }
         // The RTT's deviation before this window.
-        let sigma = self
-            .mean
-            .map_or(0.0, |m| self.var.sqrt().max(MIN_DEVIATION * m));
+        // The deviation of the smoothed RTT, which both rules read: σ of a
+        // window's RTT times √(α / (2 − α)).
+        let sigma = (self.var * EWMA_ALPHA / (2.0 - EWMA_ALPHA)).sqrt();
         if let (false, Some(rtt)) = (w.troubled, current) {
-            let diff = ewma(&mut self.mean, rtt);
-            self.var = (1.0 - EWMA_ALPHA) * (self.var + EWMA_ALPHA * diff * diff);
+            ewma(&mut self.mean, rtt);
+            if let [Some(older), Some(last)] = self.recent {
+                // The second difference of three windows: a steady climb
+                // (the limit's own +1 per window) leaves none of it, noise
+                // of deviation σ gives it a variance of 6σ².
+                let d2 = rtt - 2.0 * last + older;
+                self.var = (1.0 - EWMA_ALPHA) * self.var + EWMA_ALPHA * d2 * d2 / 6.0;
+            }
+            self.recent = [self.recent[1], Some(rtt)];
             if let Some(smoothed) = self.mean {
                 self.base_since = Some(self.base_since.map_or(smoothed, |b| b.min(smoothed)));
             }
@@ -356,26 +425,53 @@ impl Controller {
                     self.probe = Some(probe);
                     return None;
                 }
-                self.base_probe = Some(probe.sum / f64::from(probe.n.max(1)));
-                self.base_since = None;
                 self.next_probe = Some(now + BASE_PERIOD);
+                let rtt = probe.sum / f64::from(probe.n.max(1));
+                if probe.believed(rtt, self.base()) {
+                    self.base_probe = Some(rtt);
+                    self.base_since = None;
+                    self.unreached_since = None;
+                    self.unreached_peak = 0;
+                    let new = probe.resume.clamp(self.min, self.max);
+                    return (new != limit).then_some(new);
+                }
+                // The RTT fell with the limit: the calls queued at the
+                // downstream even at the probe's limit, or the base was
+                // measured low. The base stays and so does the probe's
+                // limit; the rules below move it from the next window on
+                // (a cut now would compound with the probe's).
                 self.unreached_since = None;
                 self.unreached_peak = 0;
-                let new = probe.resume.clamp(self.min, self.max);
-                return (new != limit).then_some(new);
+                return None;
             }
-        } else if now >= next_probe && reached && limit >= PROBE_LEAST {
+        } else if now >= next_probe
+            && reached
+            && self
+                .mean
+                .zip(self.mark(QUEUE_TOLERANCE / 2.0, sigma))
+                .is_none_or(|(mean, busy)| mean >= busy)
+            && self
+                .last_cut
+                .is_none_or(|cut| now.duration_since(cut) >= length * PROBE_AFTER_CUT)
+        {
+            // Only when the RTT is over the busy mark: under it the calls
+            // see the downstream all but unloaded, and a probe would dip a
+            // limit still climbing towards the capacity. Not just after a
+            // cut either: that limit is under the one the downstream was
+            // worked at, and a probe under it would dip the limit twice.
             // Calls sent from now on are the probe's: they go out only as
             // the calls under way fall under its limit.
             self.last_cut = Some(now);
+            let at = self.scaled(limit, PROBE_RATIO).min(limit - 1).max(self.min);
             self.probe = Some(Probe {
                 resume: limit,
+                ratio: at as f64 / limit as f64,
+                before: self.mean,
                 sum: 0.0,
                 n: 0,
                 windows: 0,
             });
-            let new = self.scaled(limit, PROBE_RATIO);
-            return (new != limit).then_some(new);
+            return (at != limit).then_some(at);
         }
         // Calls show a queue when their mean RTT and the smoothed one are
         // both above the unloaded RTT by the tolerance: judged on the
@@ -384,9 +480,10 @@ impl Controller {
         // smoothed RTT lags and a cut that worked shows at once in the
         // calls sent after it, which must stop the cutting before the mean
         // catches up.
-        let over = self
-            .base()
-            .map(|base| base * (1.0 + QUEUE_TOLERANCE) + QUEUE_K * sigma);
+        let over = self.mark(QUEUE_TOLERANCE, sigma);
+        let full = self
+            .mark(QUEUE_TOLERANCE / 2.0, sigma)
+            .or(Some(f64::INFINITY));
         let smoothed = self.mean;
         let inflated = |rtt: Option<f64>| match (rtt, smoothed, over) {
             (Some(rtt), Some(mean), Some(over)) => mean >= over && rtt >= over,
@@ -397,7 +494,8 @@ impl Controller {
             self.unreached_peak = 0;
             now
         } else {
-            self.unreached_peak = self.unreached_peak.max(peak);
+            let used = (worked.ceil() as usize + 1).min(peak);
+            self.unreached_peak = self.unreached_peak.max(used);
             *self.unreached_since.get_or_insert(start)
         };
         // Cut only on calls sent after the last cut (a stall or a burst of
@@ -406,7 +504,11 @@ impl Controller {
         let new = if w.back_pressure || inflated(fresh) {
             self.last_cut = Some(now);
             self.scaled(limit, DECREASE_RATIO)
-        } else if reached && current.is_some() && !w.troubled && !inflated(current) {
+        } else if reached
+            && !w.troubled
+            && current.is_some()
+            && smoothed.zip(full).is_some_and(|(mean, full)| mean < full)
+        {
             (limit + 1).min(self.max)
         } else if now.duration_since(since) >= UNUSED_FOR {
             // A limit the calls have not reached for a while says nothing
@@ -428,13 +530,16 @@ impl Controller {
         ((limit as f64 * ratio).floor() as usize).max(self.min)
     }
 
-    /// The unloaded RTT: what the latest probe measured, or less if a
-    /// window since showed less.
+    /// `tolerance` over the unloaded RTT, plus the noise allowance: the busy
+    /// mark (half the queue tolerance) and the queue mark.
+    fn mark(&self, tolerance: f64, sigma: f64) -> Option<f64> {
+        self.base()
+            .map(|base| base * (1.0 + tolerance) + QUEUE_K * sigma)
+    }
+
+    /// The unloaded RTT: what the latest believed probe measured.
     fn base(&self) -> Option<f64> {
-        match (self.base_probe, self.base_since) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.base_probe.or(self.base_since)
     }
 }
 

@@ -1,5 +1,8 @@
 use std::sync::atomic::AtomicBool;
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
 use super::*;
 
 fn metrics() -> ConcurrencyMetrics {
@@ -33,7 +36,21 @@ struct Model {
     host_per_call: Duration,
     /// Calls answered 503 while this is set.
     failing: Arc<AtomicBool>,
+    /// Calls that may wait past the capacity; beyond, 503 at once (as
+    /// `conveyor simulate --queue-limit`).
+    queue_limit: usize,
+    /// Each call's RTT is scaled by a uniform random factor in
+    /// `1 ± jitter`, drawn from a seeded generator (the runs repeat).
+    jitter: f64,
+    /// And by a factor in `1 ± host_jitter` that is drawn anew every
+    /// [`HOST_EPOCH`] and shared by every call: a host whose scheduler
+    /// slows all calls of a window alike.
+    host_jitter: f64,
+    host: Arc<Mutex<(Option<Instant>, f64)>>,
+    rng: Arc<Mutex<StdRng>>,
 }
+
+const HOST_EPOCH: Duration = Duration::from_millis(25);
 
 /// Runs `workers` stage workers (each: a slot, one call, again) until
 /// `stop`; returns the calls made, and checks the pool never held more busy
@@ -59,10 +76,16 @@ async fn drive(
                 let call = limit.call();
                 let in_flight = limit.in_flight();
                 let cap = model.capacity.load(Ordering::Acquire).max(1);
+                if in_flight > cap + model.queue_limit {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    limit.record(call, Feedback::BackPressure);
+                    continue;
+                }
                 let rtt = model
                     .latency
                     .mul_f64((in_flight as f64 / cap as f64).max(1.0))
                     + model.host_per_call * in_flight as u32;
+                let rtt = rtt.mul_f64(model.noise());
                 tokio::time::sleep(rtt).await;
                 let feedback = if model.failing.load(Ordering::Acquire) {
                     Feedback::BackPressure
@@ -87,12 +110,37 @@ async fn drive(
     (done.load(Ordering::Acquire), samples)
 }
 
+impl Model {
+    fn noise(&self) -> f64 {
+        let Ok(mut rng) = self.rng.lock() else {
+            return 1.0;
+        };
+        let call = 1.0 + self.jitter * (2.0 * rng.random::<f64>() - 1.0);
+        let Ok(mut host) = self.host.lock() else {
+            return call;
+        };
+        let now = Instant::now();
+        if host.0.is_none_or(|at| now.duration_since(at) >= HOST_EPOCH) {
+            *host = (
+                Some(now),
+                1.0 + self.host_jitter * (2.0 * rng.random::<f64>() - 1.0),
+            );
+        }
+        call * host.1
+    }
+}
+
 fn model(latency_ms: u64, capacity: usize) -> Model {
     Model {
         latency: Duration::from_millis(latency_ms),
         capacity: Arc::new(AtomicUsize::new(capacity)),
         host_per_call: Duration::ZERO,
         failing: Arc::new(AtomicBool::new(false)),
+        queue_limit: usize::MAX / 2,
+        jitter: 0.0,
+        host_jitter: 0.0,
+        host: Arc::new(Mutex::new((None, 1.0))),
+        rng: Arc::new(Mutex::new(StdRng::seed_from_u64(7))),
     }
 }
 
@@ -298,17 +346,65 @@ async fn a_queue_at_the_downstream_does_not_creep_the_limit_up() {
 
 #[tokio::test(start_paused = true)]
 async fn a_client_host_that_slows_with_its_own_load_is_believed_within_a_few_probes() {
-    // Capacity 48, but every call in flight adds 0.12 ms at the client (a
-    // busy host): 48 calls take 15.8 ms, 32 take 13.8 ms — more calls still
-    // get more done. The probe at four fifths of the limit shows that RTT
-    // is the host's, not a queue, and the limit climbs to the capacity.
+    // Capacity 48 at 50 ms (paused time rounds each sleep up to the
+    // millisecond: 50 ms keeps that under 2 %), but every call in flight
+    // adds 0.6 ms at the client (a busy host): 8 calls take 54.8 ms, 30
+    // take 68 ms. A base kept from the first windows would read that as a
+    // queue and hold the limit near 13; the probe at four fifths of the
+    // limit shows the RTT is the host's and is believed, and the limit
+    // climbs until a fifth more calls cost the busy mark's few per cent
+    // more RTT (past 40 here), never past the capacity, where the queue
+    // begins.
     let limit = adaptive(8, 1, 500);
-    let mut m = model(10, 48);
-    m.host_per_call = Duration::from_micros(120);
-    drive(limit.clone(), m.clone(), 500, BASE_PERIOD * 5).await;
-    let (_, samples) = drive(limit.clone(), m, 500, Duration::from_secs(10)).await;
-    let slices = slices(&samples, Duration::from_secs(10));
+    let mut m = model(50, 48);
+    m.host_per_call = Duration::from_micros(600);
+    drive(limit.clone(), m.clone(), 500, BASE_PERIOD * 10).await;
+    let (_, samples) = drive(limit.clone(), m, 500, Duration::from_secs(30)).await;
+    let slices = slices(&samples, Duration::from_secs(30));
     let (median, max) = slices[0];
-    assert!((40..=60).contains(&median), "{samples:?}");
-    assert!(max <= 72, "{samples:?}");
+    assert!((32..=48).contains(&median), "{samples:?}");
+    assert!(max <= 52, "{samples:?}");
+}
+
+/// When the limit entered `capacity ± 25 %` for good, 100 ms samples.
+fn settled(samples: &[usize], capacity: usize) -> Option<Duration> {
+    let band = (capacity as f64 * 0.75)..=(capacity as f64 * 1.25);
+    let out = samples.iter().rposition(|l| !band.contains(&(*l as f64)));
+    match out {
+        None => Some(Duration::ZERO),
+        Some(i) if i + 1 < samples.len() => Some(Duration::from_millis(100 * (i as u64 + 1))),
+        Some(_) => None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_capacity_schedule_is_followed_and_settles_within_the_band() {
+    // The benchmark's schedule 48 → 12 → 32 at 50 ms (paused time rounds
+    // sleeps to the millisecond; 50 ms keeps that under 2 %), each call's
+    // RTT ±10 % at random, a host adding 0.15 ms per call in flight. At
+    // 50 ms a window is five times as long as at the benchmark's 10 ms, so
+    // its 5 s to settle are 25 s here.
+    let limit = adaptive(8, 1, 500);
+    let mut m = model(50, 48);
+    m.queue_limit = 16;
+    m.jitter = 0.1;
+    m.host_per_call = Duration::from_micros(150);
+    for cap in [48, 12, 32] {
+        m.capacity.store(cap, Ordering::Release);
+        let (_, samples) = drive(limit.clone(), m.clone(), 500, Duration::from_secs(60)).await;
+        // Settled within 25 s but for the odd sample a noisy climb takes
+        // one call past the band (for 12, one call is 8 %): 97 % of the
+        // samples after it in the band, the median in the hold band.
+        let after = &samples[250..];
+        let band = |l: &usize| (*l as f64 - cap as f64).abs() <= 0.25 * cap as f64;
+        let inside = after.iter().filter(|l| band(l)).count() as f64 / after.len() as f64;
+        let mut sorted = after.to_vec();
+        sorted.sort_unstable();
+        let median = sorted[sorted.len() / 2];
+        assert!(
+            inside >= 0.97 && (cap..=cap + cap / 5).contains(&median),
+            "capacity {cap}: {inside:.3} in the band, median {median}, settled {:?}, {samples:?}",
+            settled(&samples, cap)
+        );
+    }
 }
