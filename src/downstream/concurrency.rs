@@ -22,10 +22,10 @@
 //!   way met is one event and costs one cut, not one per window while its
 //!   late answers come in;
 //! * **increase** (+1) when the window *reached* the limit — the most calls
-//!   under way at once touched it and the calls kept at least
-//!   [`REACHED_SHARE`] of it under way on average (Little's law again: the
-//!   window's summed RTT over its length), so a limit only a burst's peak
-//!   touches does not grow — no call of the window met back-pressure, and
+//!   under way at once touched it and the calls kept within one call of
+//!   [`REACHED_SHARE`] of it under way on average (by Little's law, the
+//!   window's summed RTT over its length, smoothed like the RTT), so a
+//!   limit only a burst's peak touches does not grow — no call of the window met back-pressure, and
 //!   the smoothed RTT is under the **busy** mark `base·(1 +
 //!   QUEUE_TOLERANCE / 2) + QUEUE_K·σ`;
 //! * **hold** between the busy mark and the queue: the downstream is kept
@@ -57,7 +57,11 @@
 //! `base` is measured by a **probe** every [`BASE_PERIOD`] (as Netflix's
 //! Vegas limit and BBR's ProbeRTT do): the limit is held at [`PROBE_RATIO`]
 //! of itself (at least one call less) until [`PROBE_WINDOWS`] windows have
-//! answered calls sent at it. The probe's RTT is **believed** if it is
+//! answered calls sent at it. It runs only while the smoothed RTT is over
+//! the busy mark (under it the calls see the downstream all but unloaded,
+//! and a probe would only dip a limit still climbing) and not within
+//! [`PROBE_AFTER_CUT`] windows of a cut (that limit is under the one the
+//! downstream was worked at). The probe's RTT is **believed** if it is
 //! under the base, or if it did not fall with the limit by even half the
 //! probe's ratio; then it becomes the base and the limit goes back to
 //! where it was. Calls that queue at the downstream take time in

@@ -26,9 +26,9 @@ pub(super) struct Controller {
     var: f64,
     /// The last two good windows' mean RTT since the limit last jumped.
     recent: [Option<f64>; 2],
-    /// The RTT the latest believed probe measured; until one is, the least
-    /// smoothed RTT.
+    /// The RTT the latest believed probe measured.
     base_probe: Option<f64>,
+    /// Until a probe is believed: the least smoothed RTT.
     base_since: Option<f64>,
     /// When the next probe is due; the one under way.
     next_probe: Option<Instant>,
@@ -36,8 +36,9 @@ pub(super) struct Controller {
     /// When the limit was last cut for back-pressure or a queue: only calls
     /// sent after it are evidence for the next cut.
     last_cut: Option<Instant>,
-    /// Since when no window reached the limit, and the most calls under
-    /// way at once since.
+    /// Since when no window reached the limit, and the most calls used
+    /// since (one more than those kept under way on average, at most the
+    /// most under way at once).
     unreached_since: Option<Instant>,
     unreached_peak: usize,
     window: Window,
@@ -186,9 +187,8 @@ impl Controller {
         if let Some(all) = mean_of(w.all_sum, w.all_n) {
             ewma(&mut self.span, all);
         }
-        // The RTT's deviation before this window.
-        // The deviation of the smoothed RTT, which both rules read: σ of a
-        // window's RTT times √(α / (2 − α)).
+        // The deviation of the smoothed RTT before this window, which the
+        // marks read: σ of a window's RTT times √(α / (2 − α)).
         let sigma = (self.var * EWMA_ALPHA / (2.0 - EWMA_ALPHA)).sqrt();
         if let (false, Some(rtt)) = (w.troubled, current) {
             ewma(&mut self.mean, rtt);
@@ -276,12 +276,12 @@ impl Controller {
         // smoothed RTT lags and a cut that worked shows at once in the
         // calls sent after it, which must stop the cutting before the mean
         // catches up.
-        let over = self.mark(QUEUE_TOLERANCE, sigma);
-        let full = self
+        let queue_mark = self.mark(QUEUE_TOLERANCE, sigma);
+        let busy_mark = self
             .mark(QUEUE_TOLERANCE / 2.0, sigma)
             .or(Some(f64::INFINITY));
         let smoothed = self.mean;
-        let inflated = |rtt: Option<f64>| match (rtt, smoothed, over) {
+        let inflated = |rtt: Option<f64>| match (rtt, smoothed, queue_mark) {
             (Some(rtt), Some(mean), Some(over)) => mean >= over && rtt >= over,
             _ => false,
         };
@@ -303,13 +303,15 @@ impl Controller {
         } else if reached
             && !w.troubled
             && current.is_some()
-            && smoothed.zip(full).is_some_and(|(mean, full)| mean < full)
+            && smoothed
+                .zip(busy_mark)
+                .is_some_and(|(mean, mark)| mean < mark)
         {
             (limit + 1).min(self.max)
         } else if now.duration_since(since) >= UNUSED_FOR {
             // A limit the calls have not reached for a while says nothing
-            // about the downstream: it comes down to the most calls that
-            // were under way at once, so the same burst again reaches it
+            // about the downstream: it comes down to one more than the
+            // calls kept under way, which the same demand again reaches
             // (and it grows from there, one call per round trip).
             let target = self.unreached_peak.clamp(self.min, self.max);
             self.unreached_since = Some(now);
