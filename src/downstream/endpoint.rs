@@ -80,6 +80,7 @@ impl Endpoint {
             &cfg.concurrency,
             stage_concurrency,
             ConcurrencyMetrics {
+                downstream: name,
                 limit: metrics
                     .downstream_concurrency_limit
                     .with_label_values(&[name]),

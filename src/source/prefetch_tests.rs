@@ -13,6 +13,7 @@ fn fixed(limit: usize) -> Arc<ConcurrencyLimit> {
         &ConcurrencyConfig::default(),
         limit,
         ConcurrencyMetrics {
+            downstream: "test",
             limit: IntGauge::new("limit", "limit").expect("gauge"),
             in_flight: IntGauge::new("in_flight", "in flight").expect("gauge"),
             rtt: Histogram::with_opts(prometheus::HistogramOpts::new("rtt", "rtt"))
