@@ -17,28 +17,11 @@
 //!   the last cut: one of them met back-pressure, or they show a queue at
 //!   the downstream before it starts refusing — their mean RTT and the
 //!   smoothed RTT both reach the **queue mark**
-//!   `base·(1 + QUEUE_TOLERANCE) + QUEUE_K·σ`, and the window before
-//!   reached it too (a queue lasts; one window slowed by a scheduling
-//!   hiccup lifts the smoothed RTT over the mark alone, and on a loaded
-//!   two-core host such windows, twice the RTT of their neighbours, came
-//!   several times a second). Calls sent before the last
+//!   `base·(1 + QUEUE_TOLERANCE) + QUEUE_K·σ`. Calls sent before the last
 //!   cut say nothing about the new limit: a stall that every call under
 //!   way met is one event and costs one cut, not one per window while its
-//!   late answers come in. A cut for a queue then waits for its
-//!   **verdict**: [`VERDICT_WINDOWS`] windows of the calls sent after it.
-//!   A queue's calls take time in proportion to their number, so a cut
-//!   that worked shows calls faster by about its ratio; if they are not
-//!   faster by even half of that, what slows them is not this limit's
-//!   queue (a client host in a slow spell, a downstream that got slower)
-//!   and further cuts would only sink the limit — measured on the
-//!   benchmark's two-core host, such spells took both limits from 32 to 3
-//!   in half a second. Then no cut for a queue follows until a probe
-//!   (made due at once) has measured the base at the lower limit or the
-//!   smoothed RTT is back under the queue mark; back-pressure still cuts;
-//! * **increase** (+1), at most every other window (the calls of the
-//!   window after a raise went out mostly at the limit before it, and
-//!   growing on them overshot by the smoothed RTT's lag), when the window
-//!   *reached* the limit — the most calls
+//!   late answers come in;
+//! * **increase** (+1) when the window *reached* the limit — the most calls
 //!   under way at once touched it and the calls kept within one call of
 //!   [`REACHED_SHARE`] of it under way on average (by Little's law, the
 //!   window's summed RTT over its length, smoothed like the RTT), so a
@@ -53,7 +36,7 @@
 //!   windows (1.2·C for C = 48 on `scripts/bench flow`);
 //! * **come down to what is used** when no window reached the limit for
 //!   [`UNUSED_FOR`]: to one more than the calls kept under way on average
-//!   over that time (never above the most under way at once). A limit the calls do not
+//!   (never above the most under way at once). A limit the calls do not
 //!   reach says nothing about the downstream; left high it lets a burst
 //!   overrun a downstream that shrank meanwhile, and it inflates the
 //!   prefetch that follows the limits (`source::prefetch`). The limit
@@ -76,16 +59,12 @@
 //! of itself (at least one call less) until [`PROBE_WINDOWS`] windows have
 //! answered calls sent at it. It runs only while the smoothed RTT is over
 //! the busy mark (under it the calls see the downstream all but unloaded,
-//! and a probe would only dip a limit still climbing) — or at once when a
-//! cut's verdict cast doubt, or when the smoothed RTT is under the base by
-//! the busy mark's tolerance (the base was measured in a slow spell, and
-//! marks read from it let a queue grow unseen) — and not within
+//! and a probe would only dip a limit still climbing) and not within
 //! [`PROBE_AFTER_CUT`] windows of a cut (that limit is under the one the
 //! downstream was worked at). The probe's RTT is **believed** if it is
 //! under the base, or if it did not fall with the limit by even half the
-//! probe's ratio; then it becomes the base (never over the smoothed RTT
-//! at the limit it left: a window slowed during the probe is not the
-//! unloaded RTT) and the limit goes back to where it was. Calls that queue at the downstream take time in
+//! probe's ratio; then it becomes the base and the limit goes back to
+//! where it was. Calls that queue at the downstream take time in
 //! proportion to their number, so a probe that still queues (just after
 //! the capacity fell) sees the RTT fall with the limit and is not
 //! believed — the base stays, and so does the probe's limit, which the
@@ -109,10 +88,8 @@
 //! limit to 0.4·C and the throughput with it); the queue tolerance 0.1 and
 //! the busy mark at half of it hold the limit where the RTT is 5–10 %
 //! over the unloaded one, i.e. 1.05–1.1·C, well inside ±25 % for C ≥ 10
-//! where one call is a tenth (0.2 was tried: the limits sat at 1.2–1.4·C,
-//! past the band); QUEUE_K = 1
-//! of the smoothed RTT's σ keeps a loaded host's noise from reading as a
-//! queue. The price of reading RTT:
+//! where one call is a tenth; QUEUE_K = 1 of the smoothed RTT's σ keeps a
+//! loaded host's noise from reading as a queue. The price of reading RTT:
 //! a client whose own RTT grows with its load (a CPU-bound host) is held
 //! where a fifth more calls cost the busy mark's few per cent more RTT
 //! (`tests`: past 40 of 48 when 48 calls take 1.6 times one). There is no separate
@@ -120,6 +97,10 @@
 //! two-core host it fired on scheduling noise and let the limit sink to
 //! 20–30 for C = 32; a real rise reaches the smoothed RTT within two
 //! windows, and a downstream that sheds load answers 503 at once.
+//!
+//! At `RUST_LOG=conveyor::downstream::concurrency=trace` every window's
+//! verdict is logged (its RTTs, the base, σ, the calls under way, whether
+//! it reached the limit) with the downstream it belongs to.
 //!
 //! # Why not a crate
 //!
@@ -173,9 +154,6 @@ pub const PROBE_AFTER_CUT: u32 = 4;
 pub const PROBE_RATIO: f64 = 0.8;
 /// How many windows of calls sent at the probe's limit it measures.
 pub const PROBE_WINDOWS: u32 = 2;
-/// How many windows of calls sent after a cut for a queue tell whether it
-/// made them faster.
-pub const VERDICT_WINDOWS: u32 = 2;
 /// How long the calls must stay under the limit before it is brought down
 /// to the most of them under way at once: longer than the pauses of an
 /// intake that waits on the broker or on a commit, which are not a drop in

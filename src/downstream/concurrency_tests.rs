@@ -48,9 +48,6 @@ struct Model {
     /// slows all calls of a window alike.
     host_jitter: f64,
     host: Arc<Mutex<(Option<Instant>, f64)>>,
-    /// Per cent added to every call's RTT while set, whatever the calls in
-    /// flight: a slow spell of the client host.
-    spell: Arc<AtomicUsize>,
     rng: Arc<Mutex<StdRng>>,
 }
 
@@ -119,8 +116,7 @@ impl Model {
         let Ok(mut rng) = self.rng.lock() else {
             return 1.0;
         };
-        let spell = 1.0 + self.spell.load(Ordering::Acquire) as f64 / 100.0;
-        let call = spell * (1.0 + self.jitter * (2.0 * rng.random::<f64>() - 1.0));
+        let call = 1.0 + self.jitter * (2.0 * rng.random::<f64>() - 1.0);
         let Ok(mut host) = self.host.lock() else {
             return call;
         };
@@ -145,13 +141,12 @@ fn model(latency_ms: u64, capacity: usize) -> Model {
         jitter: 0.0,
         host_jitter: 0.0,
         host: Arc::new(Mutex::new((None, 1.0))),
-        spell: Arc::new(AtomicUsize::new(0)),
         rng: Arc::new(Mutex::new(StdRng::seed_from_u64(7))),
     }
 }
 
 #[tokio::test(start_paused = true)]
-async fn the_limit_grows_by_one_every_other_round_trip_while_it_is_reached() {
+async fn the_limit_grows_by_one_per_round_trip_while_it_is_reached() {
     let limit = adaptive(4, 1, 1000);
     // A downstream with room to spare and more work than the limit.
     let (_, samples) = drive(
@@ -162,9 +157,9 @@ async fn the_limit_grows_by_one_every_other_round_trip_while_it_is_reached() {
     )
     .await;
     let grown = limit.limit();
-    // 500 ms of 10 ms round trips: 50 windows, +1 every other one.
+    // 500 ms of 10 ms round trips: about +1 per window, 50 windows.
     assert!(
-        (22..=32).contains(&grown),
+        (30..=60).contains(&grown),
         "limit {grown}, samples {samples:?}"
     );
     assert!(samples.windows(2).all(|w| w[0] <= w[1]), "{samples:?}");
@@ -218,35 +213,6 @@ async fn a_stall_of_every_call_cuts_once_not_once_per_window() {
         }
     }
     assert_eq!(limit.limit(), 36, "one cut of a tenth");
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_slow_spell_of_the_client_host_costs_a_cut_not_the_limit() {
-    // Room to spare at the downstream: the limit sits at its ceiling.
-    let limit = adaptive(40, 1, 40);
-    let m = model(50, 1000);
-    drive(limit.clone(), m.clone(), 40, Duration::from_secs(3)).await;
-    assert_eq!(limit.limit(), 40);
-    // Then for two seconds every call takes half as long again, however
-    // many are in flight. The first cut does not make the calls faster, so
-    // no second one follows; the probe it makes due finds the RTT as slow
-    // at four fifths of the limit and is believed. Never under one cut and
-    // one probe, mostly within a cut of the ceiling; cutting on, the limit
-    // sank to the floor.
-    m.spell.store(50, Ordering::Release);
-    let (_, spell) = drive(limit.clone(), m.clone(), 40, Duration::from_secs(2)).await;
-    let mut sorted = spell.clone();
-    sorted.sort_unstable();
-    assert!(sorted[0] >= 28, "{spell:?}");
-    assert!(sorted[sorted.len() / 2] >= 36, "{spell:?}");
-    // Over, the RTT is under the base the spell left: the base is measured
-    // again and the limit is back at the ceiling.
-    m.spell.store(0, Ordering::Release);
-    let (_, after) = drive(limit.clone(), m, 40, Duration::from_secs(2)).await;
-    assert!(
-        after[after.len() / 2..].iter().all(|l| *l == 40),
-        "{after:?}"
-    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -388,8 +354,8 @@ async fn a_client_host_that_slows_with_its_own_load_is_believed_within_a_few_pro
     // queue and hold the limit near 13; the probe at four fifths of the
     // limit shows the RTT is the host's and is believed, and the limit
     // climbs until a fifth more calls cost the busy mark's few per cent
-    // more RTT (past 40 here), and past the capacity only by the few calls
-    // that queue there before the RTT reaches the busy mark.
+    // more RTT (past 40 here), never past the capacity, where the queue
+    // begins.
     let limit = adaptive(8, 1, 500);
     let mut m = model(50, 48);
     m.host_per_call = Duration::from_micros(600);
@@ -397,8 +363,8 @@ async fn a_client_host_that_slows_with_its_own_load_is_believed_within_a_few_pro
     let (_, samples) = drive(limit.clone(), m, 500, Duration::from_secs(30)).await;
     let slices = slices(&samples, Duration::from_secs(30));
     let (median, max) = slices[0];
-    assert!((32..=52).contains(&median), "{samples:?}");
-    assert!(max <= 55, "{samples:?}");
+    assert!((32..=48).contains(&median), "{samples:?}");
+    assert!(max <= 52, "{samples:?}");
 }
 
 /// When the limit entered `capacity ± 25 %` for good, 100 ms samples.

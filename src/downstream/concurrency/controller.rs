@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use super::{
     Feedback, BASE_PERIOD, DECREASE_RATIO, EWMA_ALPHA, MIN_WINDOW, PROBE_AFTER_CUT, PROBE_RATIO,
-    PROBE_WINDOWS, QUEUE_K, QUEUE_TOLERANCE, REACHED_SHARE, UNUSED_FOR, VERDICT_WINDOWS,
+    PROBE_WINDOWS, QUEUE_K, QUEUE_TOLERANCE, REACHED_SHARE, UNUSED_FOR,
 };
 
 /// The AIMD state (see the module doc). Times in seconds.
@@ -38,45 +38,12 @@ pub(super) struct Controller {
     /// When the limit was last cut for back-pressure or a queue: only calls
     /// sent after it are evidence for the next cut.
     last_cut: Option<Instant>,
-    /// The last cut for a queue, until the calls sent after it tell whether
-    /// it made them faster.
-    verdict: Option<Verdict>,
-    /// The last cut for a queue did not make the calls faster: what slows
-    /// them is not a queue of this limit's calls (a stalled client host, a
-    /// slower downstream). No cut for a queue until a probe has measured
-    /// the base again or the RTT is back under the queue mark.
-    doubt: bool,
-    /// Whether the last window's calls were over the queue mark: a queue
-    /// lasts, one slow window (a scheduling hiccup) does not cut.
-    over: bool,
-    /// Since when no window reached the limit, and what the calls used.
-    unused: Option<Unused>,
-    /// Whether the last window grew the limit: the next does not, its calls
-    /// went out mostly at the limit before.
-    grew: bool,
+    /// Since when no window reached the limit, and the most calls used
+    /// since (one more than those kept under way on average, at most the
+    /// most under way at once).
+    unreached_since: Option<Instant>,
+    unreached_peak: usize,
     window: Window,
-}
-
-/// The calls of the windows since the limit was last reached.
-#[derive(Debug)]
-struct Unused {
-    since: Instant,
-    /// The most under way at once.
-    peak: usize,
-    /// The windows' smoothed calls under way, summed, and the windows: a
-    /// long window of no calls (an intake waiting on a commit) counts as
-    /// one, not as a drop in demand for its length.
-    worked: f64,
-    windows: u32,
-}
-
-impl Unused {
-    /// One more than the calls kept under way on average, at most the most
-    /// under way at once: what the same demand reaches again.
-    fn used(&self) -> usize {
-        let mean = self.worked / f64::from(self.windows.max(1));
-        (mean.ceil() as usize + 1).min(self.peak)
-    }
 }
 
 /// A probe under way: the limit held at [`PROBE_RATIO`] of `resume` until
@@ -109,34 +76,6 @@ impl Probe {
             .before
             .is_none_or(|before| rtt >= before * (1.0 + self.ratio) / 2.0);
         floor || lower || steady
-    }
-}
-
-/// A cut for a queue awaiting its verdict: the calls sent after it, over
-/// [`VERDICT_WINDOWS`] windows (the first holds only those answered
-/// soonest), against the RTT that made the cut.
-#[derive(Debug)]
-struct Verdict {
-    rtt: f64,
-    /// The new limit as a share of the old.
-    ratio: f64,
-    sum: f64,
-    n: u32,
-    windows: u32,
-}
-
-impl Verdict {
-    /// Adds a window's calls sent after the cut; once enough windows have
-    /// answered, whether the cut made the calls faster by at least half of
-    /// what a queue in proportion to the limit would have lost.
-    fn judge(&mut self, sum: f64, n: u32) -> Option<bool> {
-        if n > 0 {
-            self.sum += sum;
-            self.n += n;
-            self.windows += 1;
-        }
-        (self.windows >= VERDICT_WINDOWS)
-            .then(|| self.sum / f64::from(self.n) <= self.rtt * (1.0 + self.ratio) / 2.0)
     }
 }
 
@@ -286,7 +225,6 @@ impl Controller {
                     return None;
                 }
                 self.next_probe = Some(now + BASE_PERIOD);
-                self.doubt = false;
                 let rtt = probe.sum / f64::from(probe.n.max(1));
                 tracing::trace!(
                     downstream = self.downstream,
@@ -299,12 +237,10 @@ impl Controller {
                     "probe ended"
                 );
                 if probe.believed(rtt, self.base()) {
-                    // Never over the RTT at the limit the probe left: a
-                    // window slowed during the probe is not the unloaded
-                    // RTT.
-                    self.base_probe = Some(probe.before.map_or(rtt, |before| rtt.min(before)));
+                    self.base_probe = Some(rtt);
                     self.base_since = None;
-                    self.unused = None;
+                    self.unreached_since = None;
+                    self.unreached_peak = 0;
                     let new = probe.resume.clamp(self.min, self.max);
                     return (new != limit).then_some(new);
                 }
@@ -313,16 +249,16 @@ impl Controller {
                 // measured low. The base stays and so does the probe's
                 // limit; the rules below move it from the next window on
                 // (a cut now would compound with the probe's).
-                self.unused = None;
+                self.unreached_since = None;
+                self.unreached_peak = 0;
                 return None;
             }
-        } else if reached
-            && ((self.doubt || now >= next_probe)
-                && self
-                    .mean
-                    .zip(self.mark(QUEUE_TOLERANCE / 2.0, sigma))
-                    .is_none_or(|(mean, busy)| mean >= busy)
-                || self.stale_base())
+        } else if now >= next_probe
+            && reached
+            && self
+                .mean
+                .zip(self.mark(QUEUE_TOLERANCE / 2.0, sigma))
+                .is_none_or(|(mean, busy)| mean >= busy)
             && self
                 .last_cut
                 .is_none_or(|cut| now.duration_since(cut) >= length * PROBE_AFTER_CUT)
@@ -363,69 +299,21 @@ impl Controller {
             _ => false,
         };
         let since = if reached {
-            self.unused = None;
+            self.unreached_since = None;
+            self.unreached_peak = 0;
             now
         } else {
-            let unused = self.unused.get_or_insert(Unused {
-                since: start,
-                peak: 0,
-                worked: 0.0,
-                windows: 0,
-            });
-            unused.peak = unused.peak.max(peak);
-            unused.worked += worked;
-            unused.windows += 1;
-            unused.since
+            let used = (worked.ceil() as usize + 1).min(peak);
+            self.unreached_peak = self.unreached_peak.max(used);
+            *self.unreached_since.get_or_insert(start)
         };
-        // A cut for a queue waits for its verdict, and one that did not
-        // make the calls faster casts doubt on the next until a probe or
-        // the RTT settles it.
-        let judging = match self
-            .verdict
-            .as_mut()
-            .map(|v| v.judge(w.fresh_sum, w.fresh_n))
-        {
-            Some(None) => true,
-            Some(Some(faster)) => {
-                self.verdict = None;
-                if !faster {
-                    self.doubt = true;
-                }
-                false
-            }
-            None => false,
-        };
-        if smoothed
-            .zip(queue_mark)
-            .is_some_and(|(mean, mark)| mean < mark)
-        {
-            // The slow spell is over.
-            self.doubt = false;
-        }
-        let was_over = std::mem::replace(&mut self.over, inflated(current));
-        let queue = inflated(fresh) && was_over && !judging && !self.doubt;
         // Cut only on calls sent after the last cut (a stall or a burst of
         // errors that they all met is one event, not one per window); grow
         // only when no call of the window, however old, saw trouble.
-        let new = if w.back_pressure || queue {
+        let new = if w.back_pressure || inflated(fresh) {
             self.last_cut = Some(now);
-            let new = self.scaled(limit, DECREASE_RATIO);
-            // Against the lesser of the calls' RTT and the smoothed one: a
-            // noisy window that tipped the cut is not what the calls after
-            // it must beat (they would, by chance, and cut again).
-            self.verdict = match fresh.zip(smoothed) {
-                Some((rtt, mean)) if !w.back_pressure => Some(Verdict {
-                    rtt: rtt.min(mean),
-                    ratio: new as f64 / limit as f64,
-                    sum: 0.0,
-                    n: 0,
-                    windows: 0,
-                }),
-                _ => None,
-            };
-            new
+            self.scaled(limit, DECREASE_RATIO)
         } else if reached
-            && !self.grew
             && !w.troubled
             && current.is_some()
             && smoothed
@@ -438,16 +326,13 @@ impl Controller {
             // about the downstream: it comes down to one more than the
             // calls kept under way, which the same demand again reaches
             // (and it grows from there, one call per round trip).
-            let target = self
-                .unused
-                .take()
-                .map_or(limit, |u| u.used())
-                .clamp(self.min, self.max);
+            let target = self.unreached_peak.clamp(self.min, self.max);
+            self.unreached_since = Some(now);
+            self.unreached_peak = 0;
             limit.min(target)
         } else {
             limit
         };
-        self.grew = new > limit;
         tracing::trace!(
             downstream = self.downstream,
             limit,
@@ -461,7 +346,6 @@ impl Controller {
             peak,
             reached,
             back_pressure = w.back_pressure,
-            doubt = self.doubt,
             "window judged"
         );
         (new != limit).then_some(new)
@@ -477,15 +361,6 @@ impl Controller {
     fn mark(&self, tolerance: f64, sigma: f64) -> Option<f64> {
         self.base()
             .map(|base| base * (1.0 + tolerance) + QUEUE_K * sigma)
-    }
-
-    /// Whether the smoothed RTT is under the base by the busy mark's
-    /// tolerance: the base was measured in a slow spell, and every mark
-    /// read from it lets a queue grow unseen until a probe measures again.
-    fn stale_base(&self) -> bool {
-        self.mean
-            .zip(self.base())
-            .is_some_and(|(mean, base)| mean < base * (1.0 - QUEUE_TOLERANCE / 2.0))
     }
 
     /// The unloaded RTT: what the latest believed probe measured.
