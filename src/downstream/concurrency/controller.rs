@@ -226,6 +226,7 @@ impl Controller {
                 }
                 self.next_probe = Some(now + BASE_PERIOD);
                 let rtt = probe.sum / f64::from(probe.n.max(1));
+                let believed = probe.believed(rtt, self.base());
                 tracing::trace!(
                     downstream = self.downstream,
                     limit,
@@ -233,10 +234,10 @@ impl Controller {
                     rtt,
                     before = probe.before,
                     base = self.base(),
-                    believed = probe.believed(rtt, self.base()),
+                    believed,
                     "probe ended"
                 );
-                if probe.believed(rtt, self.base()) {
+                if believed {
                     self.base_probe = Some(rtt);
                     self.base_since = None;
                     self.unreached_since = None;
